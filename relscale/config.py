@@ -1,0 +1,315 @@
+"""Typed, validated configs: model, data, optimiser, training run.
+
+Configs are TOML files (``configs/*.toml``) whose tables mirror the dataclasses below, plus
+``key=value`` overrides on the command line (``model.hidden=128``). Unknown keys, wrong types and
+impossible shapes are rejected with a :class:`ConfigError` that names the key, so a typo never
+silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relscale.errors import ConfigError
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+"""Kernel backends an op can be routed to; which op supports which is decided in relscale.ops."""
+
+
+def _choice(default: str, choices: Sequence[str]) -> Any:
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+@dataclass
+class KernelConfig:
+    """Backend per op: ``torch`` (reference), ``triton`` (kernels/), ``cuda`` (csrc/), ``auto``."""
+
+    rms_norm: str = _choice("auto", BACKENDS)
+    rope: str = _choice("auto", BACKENDS)
+    swiglu: str = _choice("auto", BACKENDS)
+    attention: str = _choice("auto", BACKENDS)
+    cross_entropy: str = _choice("auto", BACKENDS)
+
+
+@dataclass
+class ModelConfig:
+    """A Qwen3/Llama-style pre-norm decoder. ``None`` sizes are derived (see the properties)."""
+
+    vocab_size: int = 4096
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int | None = None  # None: no grouped-query attention (kv_heads = heads)
+    head_dim: int | None = None  # None: hidden // heads
+    mlp_hidden: int | None = None  # None: 4 * hidden (the SwiGLU inner size)
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    fused_loss: bool = True  # output projection + cross-entropy through ops.linear_cross_entropy
+    z_loss: float = 0.0
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def d_head(self) -> int:
+        return self.hidden // self.heads if self.head_dim is None else self.head_dim
+
+    @property
+    def d_ff(self) -> int:
+        return 4 * self.hidden if self.mlp_hidden is None else self.mlp_hidden
+
+    def validate(self, where: str = "model") -> None:
+        for name in ("vocab_size", "hidden", "layers", "heads", "max_seq_len"):
+            _require(getattr(self, name) > 0, f"{where}.{name}", "must be positive")
+        for name in ("kv_heads", "head_dim", "mlp_hidden"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{where}.{name}", "must be positive")
+        if self.head_dim is None:
+            _require(
+                self.hidden % self.heads == 0,
+                f"{where}.heads",
+                f"hidden={self.hidden} is not divisible by heads={self.heads} (or set head_dim)",
+            )
+        _require(self.d_head % 2 == 0, f"{where}.head_dim", f"{self.d_head} must be even for RoPE")
+        _require(
+            self.heads % self.n_kv_heads == 0,
+            f"{where}.kv_heads",
+            f"heads={self.heads} is not a multiple of kv_heads={self.n_kv_heads}",
+        )
+        _require(self.rope_theta > 0, f"{where}.rope_theta", "must be positive")
+        _require(self.norm_eps > 0, f"{where}.norm_eps", "must be positive")
+        _require(self.init_std > 0, f"{where}.init_std", "must be positive")
+        _require(self.z_loss >= 0, f"{where}.z_loss", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    path: str = "relscale_data/sotu"  # a directory written by `relscale prepare`
+    seq_len: int = 128
+    doc_masking: bool = True  # attention does not cross document (EOS) boundaries
+
+    def validate(self, where: str = "data") -> None:
+        _require(self.seq_len > 1, f"{where}.seq_len", "must be > 1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW plus a learning-rate schedule. ``preset = "marin"`` applies Marin's defaults
+    (beta1 0.95, beta2 = 0.98^(B/128), eps 1e-15, weight decay 0.1, clip 1.0) at run time,
+    where B is the global batch in sequences."""
+
+    preset: str = _choice("none", ("none", "marin"))
+    lr: float = 3e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    schedule: str = _choice("wsd", ("wsd", "cosine", "constant"))
+    warmup: float = 0.05  # fraction of the steps
+    decay: float = 0.2  # WSD: fraction of the steps, at the end, with linear decay
+    min_lr_ratio: float = 0.0
+
+    def validate(self, where: str = "optim") -> None:
+        _require(self.lr > 0, f"{where}.lr", "must be positive")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"{where}.{name}", "must be in [0, 1)")
+        for name in ("warmup", "decay", "min_lr_ratio"):
+            _require(0 <= getattr(self, name) <= 1, f"{where}.{name}", "must be in [0, 1]")
+        _require(self.warmup + (self.decay if self.schedule == "wsd" else 0) <= 1, f"{where}.warmup",
+                 "warmup + decay must not exceed 1")
+        _require(self.eps > 0, f"{where}.eps", "must be positive")
+        _require(self.weight_decay >= 0, f"{where}.weight_decay", "must be >= 0")
+        _require(self.grad_clip >= 0, f"{where}.grad_clip", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Global batch (sequences) = micro_batch * grad_accum * world size."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 200
+    micro_batch: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    out_dir: str = "runs/tiny"
+    device: str = _choice("auto", ("auto", "cpu", "cuda"))
+    dtype: str = _choice("auto", ("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    ckpt_interval: int = 0  # steps between checkpoints; 0: only at the end
+    eval_interval: int = 0  # steps between validation passes; 0: only at the end
+    eval_batches: int = 8
+    log_interval: int = 10
+    progress: bool = True  # tqdm progress bar
+    dump_steps: list[int] = field(default_factory=list)  # steps at which to write per-example dumps
+    dump_eval: str = "default"  # eval set for those dumps ("default": the data's held-out split)
+
+    def validate(self) -> None:
+        self.model.validate("model")
+        self.data.validate("data")
+        self.optim.validate("optim")
+        for name in ("steps", "micro_batch", "grad_accum"):
+            _require(getattr(self, name) > 0, name, "must be positive")
+        for name in ("ckpt_interval", "eval_interval", "eval_batches"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+        _require(self.log_interval > 0, "log_interval", "must be positive")
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key (known keys: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(hints[key], value, path, known[key].metadata.get("choices"))
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str, choices: tuple[str, ...] | None) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r} ({type(value).__name__})")
+        (item,) = args
+        return [_coerce(item, v, f"{path}[{i}]", choices) for i, v in enumerate(value)]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint)
+    if ok is None:
+        raise ConfigError(f"{path}: unsupported type {hint}")
+    if not ok:
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
+    return float(value) if hint is float else value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Any, length: int = 12) -> str:
+    """A stable hash of a config's full contents (key order independent)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["model.hidden=128", "optim.schedule=cosine"]`` -> a nested dict.
+
+    Values are parsed as TOML values (numbers, booleans, quoted strings); anything that does not
+    parse as one is taken as a bare string.
+    """
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a table")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+
+
+def load_train_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """Load a TrainConfig from a TOML file (or defaults) plus ``key=value`` overrides, validated."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = merge(data, read_toml(path))
+    data = merge(data, parse_overrides(overrides))
+    where = str(path) if path is not None else "config"
+    try:
+        cfg = from_dict(TrainConfig, data)
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return cfg
+
+
+def train_config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """The inverse of :func:`to_dict` for a TrainConfig (validated)."""
+    cfg = from_dict(TrainConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
+    cfg = from_dict(ModelConfig, data, "model")
+    cfg.validate()
+    return cfg

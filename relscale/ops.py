@@ -1,0 +1,262 @@
+"""The one dispatch point for every non-matmul op of the model.
+
+Each op has a torch reference implementation here and may be routed to a Triton kernel
+(``relscale.kernels``) or to the compiled extension (``relscale._C``, built from ``csrc/``; its
+``cuda`` backend has a real C++ CPU path too). The backend is chosen per op by
+``ModelConfig.kernels``:
+
+=============  ===============  ==========================================================
+op             backends         ``auto`` picks
+=============  ===============  ==========================================================
+rms_norm       torch, triton    triton on CUDA tensors, torch otherwise
+rope           torch, cuda      the extension when it is built, torch otherwise
+swiglu         torch, cuda      the extension when it is built, torch otherwise
+attention      torch, triton    triton on CUDA tensors, torch otherwise
+cross_entropy  torch, triton    triton on CUDA tensors, torch otherwise (also the fused
+                                linear + cross-entropy)
+=============  ===============  ==========================================================
+
+Triton kernels run on the CPU only through Triton's interpreter (``TRITON_INTERPRET=1``), which
+is for tests, so ``auto`` never picks them for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from relscale.errors import ConfigError
+
+SUPPORTED: dict[str, tuple[str, ...]] = {
+    "rms_norm": ("torch", "triton"),
+    "rope": ("torch", "cuda"),
+    "swiglu": ("torch", "cuda"),
+    "attention": ("torch", "triton"),
+    "cross_entropy": ("torch", "triton"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(op: str, requested: str, device_type: str) -> str:
+    """The backend that runs ``op`` for tensors on ``device_type`` given the configured choice."""
+    if op not in SUPPORTED:
+        raise ConfigError(f"unknown op {op!r} (known: {', '.join(SUPPORTED)})")
+    if requested == "auto":
+        if op in ("rope", "swiglu"):
+            return "cuda" if _extension_available() else "torch"
+        return "triton" if device_type == "cuda" else "torch"
+    if requested not in SUPPORTED[op]:
+        raise ConfigError(
+            f"model.kernels.{op}: backend {requested!r} does not implement {op} "
+            f"(choose from auto, {', '.join(SUPPORTED[op])})"
+        )
+    return requested
+
+
+def _extension_available() -> bool:
+    try:
+        from relscale import ext
+    except ImportError:  # a source tree without the extension's Python face
+        return False
+    return ext.available()
+
+
+# ----------------------------------------------------------------------------------------- norms
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
+    if resolve("rms_norm", backend, x.device.type) == "triton":
+        from relscale.kernels.rmsnorm import rms_norm as rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+# ------------------------------------------------------------------------------------------ rope
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape ``positions.shape + (head_dim,)`` in fp32 (HF rotate-half layout)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    freqs = positions.to(torch.float64)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q (B, S, H, D) and k (B, S, H_kv, D) at integer ``positions`` (B, S)."""
+    cos, sin = rope_angles(positions, q.shape[-1], theta)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    q_out = q.float() * cos + _rotate_half(q.float()) * sin
+    k_out = k.float() * cos + _rotate_half(k.float()) * sin
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if resolve("rope", backend, q.device.type) == "cuda":
+        from relscale import ext
+
+        batch, seq = q.shape[:2]
+        q_out, k_out = ext.rope(
+            q.reshape(batch * seq, *q.shape[2:]).contiguous(),
+            k.reshape(batch * seq, *k.shape[2:]).contiguous(),
+            positions.reshape(-1),
+            theta,
+        )
+        return q_out.view(q.shape), k_out.view(k.shape)
+    return rope_reference(q, k, positions, theta)
+
+
+# ---------------------------------------------------------------------------------------- swiglu
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    if resolve("swiglu", backend, gate.device.type) == "cuda":
+        from relscale import ext
+
+        return ext.swiglu(gate.contiguous(), up.contiguous())
+    return swiglu_reference(gate, up)
+
+
+# ------------------------------------------------------------------------------------- attention
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Document index of each of ``total`` flattened tokens, from cumulative offsets."""
+    tokens = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention on (B, S, H, D) tensors; with ``cu_seqlens`` no token attends across a
+    document boundary. Grouped-query attention when k/v have fewer heads than q."""
+    batch, seq, heads, _ = q.shape
+    groups = heads // k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if groups > 1:
+        kt, vt = kt.repeat_interleave(groups, dim=1), vt.repeat_interleave(groups, dim=1)
+    if cu_seqlens is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    else:
+        seg = segment_ids(cu_seqlens, batch * seq).view(batch, seq)
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+        mask = (seg[:, :, None] == seg[:, None, :]) & causal
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal (document-masked when ``cu_seqlens`` is given) attention, (B, S, H, D) layout."""
+    if resolve("attention", backend, q.device.type) == "triton":
+        from relscale.kernels import flash_attention as fa
+
+        if cu_seqlens is None:
+            return fa.flash_attention(q, k, v, causal=True, softmax_scale=scale)
+        batch, seq = q.shape[:2]
+        out = fa.flash_attention_varlen(
+            q.reshape(batch * seq, *q.shape[2:]),
+            k.reshape(batch * seq, *k.shape[2:]),
+            v.reshape(batch * seq, *v.shape[2:]),
+            cu_seqlens,
+            max_seqlen if max_seqlen is not None else seq,
+            causal=True,
+            softmax_scale=scale,
+        )
+        return out.view(q.shape)
+    return attention_reference(q, k, v, cu_seqlens, scale)
+
+
+# --------------------------------------------------------------------------------- cross-entropy
+def cross_entropy_reference(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy in fp32 plus ``z_loss * logsumexp^2``; ``mean`` is over non-ignored tokens
+    and is 0 (not NaN) when every token is ignored."""
+    logits = logits.float()
+    losses = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+    valid = targets != ignore_index
+    if z_loss:
+        losses = losses + z_loss * torch.logsumexp(logits, dim=-1).pow(2) * valid
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        return losses.sum() / valid.sum().clamp(min=1)
+    raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of (N, V) logits against (N,) targets."""
+    if resolve("cross_entropy", backend, logits.device.type) == "triton":
+        from relscale.kernels.cross_entropy import cross_entropy as cross_entropy_triton
+
+        return cross_entropy_triton(
+            logits, targets, ignore_index=ignore_index, reduction=reduction, z_loss_weight=z_loss
+        )
+    return cross_entropy_reference(logits, targets, ignore_index, reduction, z_loss)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` (N, H) x (V, H) without holding the N x V logits
+    when the Triton backend is used; the torch reference materialises them."""
+    if resolve("cross_entropy", backend, hidden.device.type) == "triton":
+        from relscale.kernels.fused_linear_ce import linear_cross_entropy as flce
+
+        return flce(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, z_loss_weight=z_loss)
+    logits = hidden @ weight.t()
+    return cross_entropy_reference(logits, targets, ignore_index, reduction, z_loss)
+
+
+def default_softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
