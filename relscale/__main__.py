@@ -1,0 +1,5 @@
+import sys
+
+from relscale.cli import main
+
+sys.exit(main())
