@@ -1,0 +1,231 @@
+"""Read access to a folder written by `relscale prepare`.
+
+Layout (see prepare.py):  manifest.json, tokenizer.json, and per split (train/, val/) the token
+shards shard_00000.bin... (flat uint16/uint32: each document followed by EOS) and index.parquet
+(one row per document: doc_id, shard, offset, length, n_bytes, start, group labels, metadata).
+A split's token stream is its shards concatenated; shards are plain fixed-size cuts of that
+stream, so a document may continue from one shard into the next.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tokenizers import Tokenizer
+
+from relscale.data.sources import sha256_file
+from relscale.data.tokenizer import load_tokenizer
+from relscale.errors import DataError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+INDEX_FILE = "index.parquet"
+SPLITS = ("train", "val")
+
+
+def read_manifest(data_dir: Path) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{data_dir}: not a prepared data folder (no {MANIFEST}); run `relscale prepare`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: unreadable manifest ({error})") from error
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: format_version {version!r}, this relscale reads {FORMAT_VERSION}; "
+            "re-run `relscale prepare --force`"
+        )
+    return manifest
+
+
+class TokenStream:
+    """A split's shards seen as one flat token sequence; slices are read without loading shards."""
+
+    def __init__(self, shards: list[np.ndarray], dtype: np.dtype):
+        self.shards = shards
+        self.dtype = dtype
+        self.bounds = np.cumsum([0, *(len(shard) for shard in shards)])
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"token range [{start}, {stop}) outside a stream of {len(self)} tokens")
+        parts = []
+        shard = int(np.searchsorted(self.bounds, start, side="right")) - 1
+        position = start
+        while position < stop:
+            shard_start = int(self.bounds[shard])
+            end = min(stop, int(self.bounds[shard + 1]))
+            parts.append(self.shards[shard][position - shard_start : end - shard_start])
+            position = end
+            shard += 1
+        if len(parts) == 1:
+            return np.array(parts[0])
+        return np.concatenate(parts) if parts else np.empty(0, self.dtype)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("TokenStream supports contiguous slices only")
+        start, stop, _ = key.indices(len(self))
+        return self.read(start, max(start, stop))
+
+
+class PreparedData:
+    """A prepared data folder. Opening checks every file's size; verify=True also checks sha256."""
+
+    def __init__(self, data_dir: str | Path, verify: bool = False):
+        self.data_dir = Path(data_dir)
+        self.manifest = read_manifest(self.data_dir)
+        try:
+            self.dtype = np.dtype(self.manifest["dtype"])
+            self.eos_id = int(self.manifest["eos_id"])
+            self.vocab_size = int(self.manifest["vocab_size"])
+            self.group_fields = list(self.manifest["group_fields"])
+            self.extra_fields = list(self.manifest["extra_fields"])
+            self._splits = self.manifest["splits"]
+        except KeyError as error:
+            raise DataError(f"{self.data_dir / MANIFEST}: missing key {error}") from error
+        self._check_sizes()
+        if verify:
+            self.verify()
+
+    # -- integrity --------------------------------------------------------------------------
+
+    def _files(self) -> list[tuple[Path, dict]]:
+        """Every file the manifest describes, with its record (bytes, sha256)."""
+        files = [(self.data_dir / self.manifest["tokenizer"]["file"], self.manifest["tokenizer"])]
+        for split, record in self._splits.items():
+            files.append((self.data_dir / split / record["index"]["file"], record["index"]))
+            files += [(self.data_dir / split / shard["file"], shard) for shard in record["shards"]]
+        return files
+
+    def _check_sizes(self) -> None:
+        for split, record in self._splits.items():
+            for shard in record["shards"]:
+                expected = shard["n_tokens"] * self.dtype.itemsize
+                if shard["bytes"] != expected:
+                    raise DataError(
+                        f"{self.data_dir / MANIFEST}: shard {split}/{shard['file']} records "
+                        f"{shard['bytes']} bytes for {shard['n_tokens']} {self.dtype} tokens"
+                    )
+        for path, record in self._files():
+            if not path.is_file():
+                raise DataError(
+                    f"missing file {path} (listed in {MANIFEST}); re-run `relscale prepare --force`"
+                )
+            size = path.stat().st_size
+            if size != record["bytes"]:
+                state = "truncated" if size < record["bytes"] else "too large"
+                raise DataError(
+                    f"{path} is {state}: {size} bytes on disk, the manifest records "
+                    f"{record['bytes']}; re-run `relscale prepare --force`"
+                )
+
+    def verify(self) -> int:
+        """Check the sha256 of every file against the manifest; returns the number of files checked."""
+        files = self._files()
+        for path, record in files:
+            digest = sha256_file(path)
+            if digest != record["sha256"]:
+                raise DataError(
+                    f"{path} is corrupted: sha256 {digest[:16]}... differs from the manifest's "
+                    f"{record['sha256'][:16]}...; re-run `relscale prepare --force`"
+                )
+        return len(files)
+
+    # -- tokenizer ----------------------------------------------------------------------------
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.data_dir / self.manifest["tokenizer"]["file"])
+
+    # -- tokens and documents -----------------------------------------------------------------
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self._splits)
+
+    def split_info(self, split: str) -> dict:
+        if split not in self._splits:
+            raise DataError(f"{self.data_dir}: no split {split!r}; splits: {', '.join(self._splits)}")
+        return self._splits[split]
+
+    def n_tokens(self, split: str) -> int:
+        return int(self.split_info(split)["n_tokens"])
+
+    def shards(self, split: str) -> list[np.ndarray]:
+        """The split's shards, memory-mapped read-only, in stream order."""
+        return [
+            np.memmap(
+                self.data_dir / split / shard["file"], dtype=self.dtype, mode="r", shape=(shard["n_tokens"],)
+            )
+            for shard in self.split_info(split)["shards"]
+        ]
+
+    def stream(self, split: str) -> TokenStream:
+        """The split's shards as one flat, sliceable stream (memory maps opened once per split)."""
+        cache = self.__dict__.setdefault("_stream_cache", {})
+        if split not in cache:
+            cache[split] = TokenStream(self.shards(split), self.dtype)
+        return cache[split]
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's whole token stream: a memory map for one shard, a copy in RAM for several."""
+        shards = self.shards(split)
+        if len(shards) == 1:
+            return shards[0]
+        return np.concatenate(shards) if shards else np.empty(0, self.dtype)
+
+    def documents(self, split: str) -> pd.DataFrame:
+        return self._documents(split).copy()
+
+    def _documents(self, split: str) -> pd.DataFrame:
+        cache = self.__dict__.setdefault("_index_cache", {})
+        if split not in cache:
+            cache[split] = pd.read_parquet(self.data_dir / split / self.split_info(split)["index"]["file"])
+        return cache[split]
+
+    def doc_tokens(self, split: str, row: int) -> np.ndarray:
+        """Tokens of the document in row `row` of the split's index, without its trailing EOS."""
+        index = self._documents(split)
+        if not 0 <= row < len(index):
+            raise IndexError(f"row {row} outside the {split} index of {len(index)} documents")
+        start, length = int(index["start"].iat[row]), int(index["length"].iat[row])
+        return self.stream(split).read(start, start + length)
+
+    def decode_document(self, split: str, row: int) -> str:
+        return self.tokenizer.decode(self.doc_tokens(split, row).tolist(), skip_special_tokens=False)
+
+    def unigram_entropy(self, split: str = "train") -> float:
+        """Entropy (nats/token) of the split's unigram token distribution, EOS included.
+
+        A model that learned nothing but token frequencies reaches this loss, so a trained model
+        should get below it.
+        """
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for shard in self.shards(split):
+            shard_counts = np.bincount(shard, minlength=self.vocab_size)
+            if len(shard_counts) > self.vocab_size:
+                raise DataError(
+                    f"{self.data_dir}/{split}: token id {len(shard_counts) - 1} is outside the "
+                    f"vocabulary of {self.vocab_size}"
+                )
+            counts += shard_counts
+        total = counts.sum()
+        if total == 0:
+            raise DataError(f"{self.data_dir}: split {split!r} has no tokens")
+        probs = counts[counts > 0] / total
+        return float(-(probs * np.log(probs)).sum())
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{split}={record['n_tokens']:,} tokens" for split, record in self._splits.items())
+        return f"PreparedData({str(self.data_dir)!r}, vocab_size={self.vocab_size}, {sizes})"
