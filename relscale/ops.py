@@ -9,8 +9,8 @@ Each op has a torch reference implementation here and may be routed to a Triton 
 op             backends         ``auto`` picks
 =============  ===============  ==========================================================
 rms_norm       torch, triton    triton on CUDA tensors, torch otherwise
-rope           torch, cuda      the extension when it is built, torch otherwise
-swiglu         torch, cuda      the extension when it is built, torch otherwise
+rope           torch, cuda      the extension when it is built (CPU and CUDA), else torch
+swiglu         torch, cuda      the extension on CUDA tensors when built with CUDA, else torch
 attention      torch, triton    triton on CUDA tensors, torch otherwise
 cross_entropy  torch, triton    triton on CUDA tensors, torch otherwise (also the fused
                                 linear + cross-entropy)
@@ -46,7 +46,7 @@ def resolve(op: str, requested: str, device_type: str) -> str:
         raise ConfigError(f"unknown op {op!r} (known: {', '.join(SUPPORTED)})")
     if requested == "auto":
         if op in ("rope", "swiglu"):
-            return "cuda" if _extension_available() else "torch"
+            return "cuda" if _extension_serves(op, device_type) else "torch"
         return "triton" if device_type == "cuda" else "torch"
     if requested not in SUPPORTED[op]:
         raise ConfigError(
@@ -56,12 +56,19 @@ def resolve(op: str, requested: str, device_type: str) -> str:
     return requested
 
 
-def _extension_available() -> bool:
-    try:
-        from relscale import ext
-    except ImportError:  # a source tree without the extension's Python face
+def _extension_serves(op: str, device_type: str) -> bool:
+    """Whether ``auto`` should route ``op`` to the compiled extension on ``device_type``.
+
+    On the CPU only RoPE: the C++ RoPE measured ~3x faster than the torch reference, while torch's
+    vectorised SiLU beat the scalar C++ SwiGLU loop. On CUDA only when the build has CUDA kernels.
+    """
+    from relscale import ext
+
+    if not ext.available():
         return False
-    return ext.available()
+    if device_type == "cpu":
+        return op == "rope"
+    return device_type == "cuda" and ext.has_cuda_kernels()
 
 
 # ----------------------------------------------------------------------------------------- norms

@@ -1,0 +1,139 @@
+"""Python face of the compiled extension ``relscale._C`` (built from ``csrc/`` by setup.py).
+
+Importing ``relscale._C`` registers ``torch.ops.relscale.{rope, rope_, swiglu, swiglu_backward}``
+with CPU (and, in a CUDA build, CUDA) kernels. This module adds what torch.compile and autograd
+need on top — fake (meta) kernels and backward formulas — and the functions the model calls.
+
+When the extension is missing (not built, no compiler, ABI mismatch) ``available()`` returns False
+and warns once; the op functions raise, and ``relscale.ops`` picks the torch backend instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from relscale import _C  # noqa: F401  (the import registers the ops)
+
+    _IMPORT_ERROR: str | None = None
+except (ImportError, OSError) as exc:  # OSError: a shared library the build linked is missing
+    _C = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_warned_unavailable = False
+
+
+def available() -> bool:
+    """Whether the compiled extension loaded; warns once (per process) when it did not."""
+    global _warned_unavailable
+    if _C is None and not _warned_unavailable:
+        _warned_unavailable = True
+        warnings.warn(
+            f"relscale._C is not available ({_IMPORT_ERROR}); RoPE and SwiGLU fall back to torch ops. "
+            "Build it with `pip install --no-build-isolation -e .` (see csrc/README.md).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _C is not None
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension was built with its CUDA kernels (a CPU-only build has none)."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("relscale::rope", "CUDA")
+
+
+def _require() -> None:
+    if _C is None:
+        raise RuntimeError(
+            f"relscale._C is not built or failed to load ({_IMPORT_ERROR}); rebuild it with "
+            "`pip install --no-build-isolation -e .` or use the torch backend (model.kernels: torch)"
+        )
+
+
+def rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    theta: float = 10000.0,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q (..., Hq, D) and k (..., Hk, D) at int64 ``positions`` (one per token).
+
+    Hugging Face rotate-half convention, fp32 math. ``inplace=True`` overwrites q and k (they must
+    be contiguous) and returns them; it has no autograd, so it is for no-grad use only.
+    """
+    _require()
+    theta = float(theta)
+    if not inplace:
+        return torch.ops.relscale.rope(q, k, positions, theta)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        raise RuntimeError("relscale.ext.rope(inplace=True) has no autograd; use inplace=False when training")
+    torch.ops.relscale.rope_(q, k, positions, theta)
+    return q, k
+
+
+def rope_backward(
+    grad_q: torch.Tensor, grad_k: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``rope`` w.r.t. q and k: the same rotation by the negative angle."""
+    _require()
+    return torch.ops.relscale.rope(grad_q, grad_k, positions, float(theta), True)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, fused (fp32 math); differentiable."""
+    _require()
+    return torch.ops.relscale.swiglu(gate, up)
+
+
+def swiglu_backward(
+    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_gate, grad_up) of ``swiglu`` in one fused pass."""
+    _require()
+    return torch.ops.relscale.swiglu_backward(grad_out, gate, up)
+
+
+# ------------------------------------------------------------------ fake kernels and autograd
+if _C is not None:
+
+    @torch.library.register_fake("relscale::rope")
+    def _rope_fake(q, k, positions, theta, inverse=False):
+        return q.new_empty(q.shape), k.new_empty(k.shape)  # the kernel returns contiguous tensors
+
+    @torch.library.register_fake("relscale::rope_")
+    def _rope_inplace_fake(q, k, positions, theta, inverse=False):
+        return None
+
+    @torch.library.register_fake("relscale::swiglu")
+    def _swiglu_fake(gate, up):
+        return gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("relscale::swiglu_backward")
+    def _swiglu_backward_fake(grad_out, gate, up):
+        return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+    def _rope_setup_context(ctx, inputs, output):
+        _, _, positions, theta, *rest = inputs
+        ctx.save_for_backward(positions)
+        ctx.theta = theta
+        ctx.inverse = bool(rest[0]) if rest else False
+
+    def _rope_grad(ctx, grad_q, grad_k):
+        (positions,) = ctx.saved_tensors
+        # a rotation's transpose is the rotation by the opposite angle; this op is itself
+        # differentiable, so double backward works too
+        grad_q, grad_k = torch.ops.relscale.rope(grad_q, grad_k, positions, ctx.theta, not ctx.inverse)
+        return grad_q, grad_k, None, None, None
+
+    def _swiglu_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _swiglu_grad(ctx, grad_out):
+        gate, up = ctx.saved_tensors
+        return torch.ops.relscale.swiglu_backward(grad_out, gate, up)
+
+    torch.library.register_autograd("relscale::rope", _rope_grad, setup_context=_rope_setup_context)
+    torch.library.register_autograd("relscale::swiglu", _swiglu_grad, setup_context=_swiglu_setup_context)
