@@ -20,7 +20,7 @@ def bench_dir() -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=("ci", "full"), default=None,
-                        help="shapes: 'full' (the GPU shapes; default on a GPU) or 'ci' (tiny, default on CPU)")
+                        help="'full': the GPU shapes (default on a GPU); 'ci': tiny shapes (default on CPU)")
     parser.add_argument("--only", action="append", default=[], help="benchmark name (repeatable)")
 
 

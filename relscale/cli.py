@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relscale {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"relscale {args.command}: interrupted; finished work is kept, re-run to continue", file=sys.stderr)
+        print(f"relscale {args.command}: interrupted; finished work is kept", file=sys.stderr)
         return 130
 
 

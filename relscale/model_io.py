@@ -80,5 +80,5 @@ def load_model(
         state["output.weight"] = state["embed.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise DataError(f"{weights}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+        raise DataError(f"{weights}: weights do not match the config: missing {missing}, extra {unexpected}")
     return model.to(device), meta

@@ -39,7 +39,7 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve(op: str, requested: str, device_type: str) -> str:
     """The backend that runs ``op`` for tensors on ``device_type`` given the configured choice."""
     if op not in SUPPORTED:
@@ -89,7 +89,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
 # ------------------------------------------------------------------------------------------ rope
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape ``positions.shape + (head_dim,)`` in fp32 (HF rotate-half layout)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    even = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64)
+    inv_freq = theta ** (-even / head_dim)
     freqs = positions.to(torch.float64)[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().float(), emb.sin().float()
@@ -260,7 +261,9 @@ def linear_cross_entropy(
     if resolve("cross_entropy", backend, hidden.device.type) == "triton":
         from relscale.kernels.fused_linear_ce import linear_cross_entropy as flce
 
-        return flce(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, z_loss_weight=z_loss)
+        return flce(
+            hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, z_loss_weight=z_loss
+        )
     logits = hidden @ weight.t()
     return cross_entropy_reference(logits, targets, ignore_index, reduction, z_loss)
 
