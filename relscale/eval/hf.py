@@ -1,0 +1,322 @@
+"""Hugging Face Llama / Qwen3 checkpoints <-> our Transformer, without needing ``transformers``.
+
+Import reads a local directory (``config.json`` + ``model.safetensors`` or sharded safetensors
+with ``model.safetensors.index.json``) of a ``LlamaForCausalLM`` or ``Qwen3ForCausalLM`` into a
+:class:`relscale.model.Transformer` (fp32 weights), so the released IsoFLOP checkpoints of
+"Relative Scaling Laws for LLMs" (Qwen3-style: untied, QK-norm) are scored by the same code as
+ours, with their own ``tokenizer.json``. Both families use the rotate-half RoPE layout we use,
+so weights map one to one:
+
+=========================================  ===============================
+Hugging Face                               relscale
+=========================================  ===============================
+model.embed_tokens.weight                  embed.weight
+model.layers.N.self_attn.{q,k,v,o}_proj    blocks.N.attn.w{q,k,v,o}
+model.layers.N.self_attn.{q,k}_norm        blocks.N.attn.{q,k}_norm (Qwen3)
+model.layers.N.mlp.{gate,up,down}_proj     blocks.N.mlp.w_{gate,up,down}
+model.layers.N.input_layernorm             blocks.N.attn_norm
+model.layers.N.post_attention_layernorm    blocks.N.mlp_norm
+model.norm.weight                          norm.weight
+lm_head.weight                             output.weight (absent when tied)
+=========================================  ===============================
+
+Features the decoder does not have are rejected with an error naming the config key: RoPE
+scaling other than none/default, attention or MLP biases, sliding-window attention, activations
+other than SiLU. Export writes our checkpoints in the same format (a Qwen3 config when the model
+has QK-norm, else Llama), plus the tokenizer and ``relscale_meta.json`` (training tokens, FLOPs)
+so a round trip keeps what the eval dumps need.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from relscale.config import ModelConfig
+from relscale.errors import DataError
+from relscale.model import Transformer
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+META_FILE = "relscale_meta.json"
+# Buffers some exporters write that carry no weights (recomputed from rope_theta).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
+    return "model_type" in data or "architectures" in data
+
+
+def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from err
+
+
+def _family(hf: dict[str, Any], where: str) -> str:
+    architectures = hf.get("architectures") or []
+    for name in architectures:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    if not architectures and hf.get("model_type") in ARCHITECTURES.values():
+        return hf["model_type"]
+    raise DataError(
+        f"{where}: architectures={architectures} model_type={hf.get('model_type')!r} is not "
+        f"supported (supported: {', '.join(ARCHITECTURES)})"
+    )
+
+
+def _rope_theta(hf: dict[str, Any], where: str) -> float:
+    """rope_theta from the v4 (``rope_theta`` + ``rope_scaling``) or v5 (``rope_parameters``) keys."""
+    for key in ("rope_scaling", "rope_parameters"):
+        params = hf.get(key)
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise DataError(f"{where}: {key}={params!r} is not supported (expected a table)")
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in (None, "default"):
+            raise DataError(
+                f"{where}: {key}.rope_type={rope_type!r} is not supported (only unscaled RoPE: none/default)"
+            )
+    params = hf.get("rope_parameters") or {}
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def hf_to_model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """Our ModelConfig for a Llama/Qwen3 config; unsupported features raise naming the key."""
+    family = _family(hf, where)
+    if hf.get("hidden_act", "silu") != "silu":
+        raise DataError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (only silu / SwiGLU)")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise DataError(f"{where}: {key}=true is not supported (the decoder has no biases)")
+    if hf.get("use_sliding_window"):
+        raise DataError(f"{where}: use_sliding_window=true is not supported (full causal attention only)")
+    if family == "llama" and hf.get("sliding_window") is not None:
+        raise DataError(f"{where}: sliding_window={hf['sliding_window']} is not supported")
+    layer_types = hf.get("layer_types")
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        raise DataError(
+            f"{where}: layer_types={sorted(set(layer_types))} is not supported (full_attention only)"
+        )
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(hf.get(key), int):
+            raise DataError(f"{where}: {key} missing or not an integer")
+    heads = hf["num_attention_heads"]
+    try:
+        cfg = ModelConfig(
+            vocab_size=hf["vocab_size"],
+            hidden=hf["hidden_size"],
+            layers=hf["num_hidden_layers"],
+            heads=heads,
+            kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            mlp_hidden=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings") or 4096,
+            rope_theta=_rope_theta(hf, where),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            qk_norm=family == "qwen3",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            init_std=float(hf.get("initializer_range", 0.02)),
+        )
+        cfg.validate()
+    except Exception as err:  # ConfigError names our key; say which file it came from
+        raise DataError(f"{where}: {err}") from err
+    return cfg
+
+
+def _name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(Hugging Face name, our name) of every weight."""
+    pairs = [("model.embed_tokens.weight", "embed.weight"), ("model.norm.weight", "norm.weight")]
+    for n in range(cfg.layers):
+        hf, ours = f"model.layers.{n}.", f"blocks.{n}."
+        pairs += [(f"{hf}self_attn.{p}_proj.weight", f"{ours}attn.w{p}.weight") for p in "qkvo"]
+        pairs += [(f"{hf}mlp.{p}_proj.weight", f"{ours}mlp.w_{p}.weight") for p in ("gate", "up", "down")]
+        pairs += [
+            (f"{hf}input_layernorm.weight", f"{ours}attn_norm.weight"),
+            (f"{hf}post_attention_layernorm.weight", f"{ours}mlp_norm.weight"),
+        ]
+        if cfg.qk_norm:
+            pairs += [(f"{hf}self_attn.{p}_norm.weight", f"{ours}attn.{p}_norm.weight") for p in "qk"]
+    if not cfg.tie_embeddings:
+        pairs.append(("lm_head.weight", "output.weight"))
+    return pairs
+
+
+def _load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(model_dir / shard), device="cpu"))
+        return state
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return load_file(str(single), device="cpu")
+    if any(model_dir.glob("*.bin")):
+        raise DataError(
+            f"{model_dir}: only safetensors weights are read (found .bin files; convert them "
+            "with transformers' save_pretrained(safe_serialization=True))"
+        )
+    raise DataError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_hf_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
+    """A Transformer with the weights of a local Llama/Qwen3 checkpoint (fp32), and its meta."""
+    model_dir = Path(model_dir)
+    cfg = hf_to_model_config(read_hf_config(model_dir), str(model_dir / "config.json"))
+    hf_state = _load_safetensors(model_dir)
+    ours: dict[str, torch.Tensor] = {}
+    for hf_name, our_name in _name_pairs(cfg):
+        if hf_name not in hf_state:
+            raise DataError(f"{model_dir}: weight {hf_name} missing")
+        ours[our_name] = hf_state.pop(hf_name).float()
+    if cfg.tie_embeddings:
+        hf_state.pop("lm_head.weight", None)  # some exporters store the tied copy
+        ours["output.weight"] = ours["embed.weight"]
+    leftover = [k for k in hf_state if not k.endswith(IGNORED_SUFFIXES)]
+    if leftover:
+        raise DataError(
+            f"{model_dir}: weights the decoder has no place for (unsupported feature?): "
+            f"{sorted(leftover)[:8]}"
+        )
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(ours, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.output.weight = model.embed.weight
+    meta_path = model_dir / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return model.to(device), meta
+
+
+def load_hf_tokenizer(model_dir: str | Path):
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"{model_dir}: no tokenizer.json (pass --tokenizer)")
+    return Tokenizer.from_file(str(path))
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):  # {"content": "<s>", ...} in older tokenizer_config files
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def beginning_token(model_dir: str | Path, tokenizer) -> int:
+    """The token a document's first token is predicted from: the tokenizer's BOS when one is
+    configured (tokenizer_config.json ``bos_token``, else config.json ``bos_token_id``), else the
+    EOS (``eos_token`` / ``eos_token_id``), matching how our own data separates documents."""
+    model_dir = Path(model_dir)
+    tok_config_path = model_dir / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_path.read_text()) if tok_config_path.is_file() else {}
+    hf = read_hf_config(model_dir)
+    for token_key, id_key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id")):
+        content = _token_content(tok_config.get(token_key))
+        if content is not None and tokenizer.token_to_id(content) is not None:
+            return tokenizer.token_to_id(content)
+        token_id = hf.get(id_key)
+        if isinstance(token_id, list) and token_id:
+            token_id = token_id[0]
+        if isinstance(token_id, int):
+            return token_id
+    raise DataError(
+        f"{model_dir}: neither a BOS nor an EOS token is configured (tokenizer_config.json, "
+        "config.json); pass --start-token"
+    )
+
+
+# ---------------------------------------------------------------------------------------- export
+def hf_config_of(cfg: ModelConfig, eos_id: int | None = None) -> dict[str, Any]:
+    family = "qwen3" if cfg.qk_norm else "llama"
+    config: dict[str, Any] = {
+        "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
+        "model_type": family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.d_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        # Both spellings: transformers 4 reads rope_theta/rope_scaling, 5 reads rope_parameters.
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        # Documents follow an EOS in our data, so the EOS is also the beginning token.
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+    }
+    if family == "qwen3":
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.layers)
+    else:
+        config.update(mlp_bias=False, pretraining_tp=1)
+    return config
+
+
+def export_hf(
+    model: Transformer,
+    out_dir: str | Path,
+    *,
+    tokenizer_path: str | Path | None = None,
+    eos_token: str | None = None,
+    meta: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint directory (files replaced atomically)."""
+    from relscale.eval.writer import atomic_write_text, atomic_write_with
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    state = model.state_dict()
+    tensors = {hf: state[ours].detach().to("cpu", dtype).contiguous() for hf, ours in _name_pairs(cfg)}
+    atomic_write_with(
+        out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+    )
+    eos_id = None
+    if tokenizer_path is not None:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        eos_id = tokenizer.token_to_id(eos_token) if eos_token else None
+        atomic_write_with(out / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer_path, tmp))
+        tok_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": eos_token,
+            "bos_token": eos_token,
+            "model_max_length": cfg.max_seq_len,
+        }
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(tok_config, indent=2))
+    atomic_write_text(out / "config.json", json.dumps(hf_config_of(cfg, eos_id), indent=2))
+    atomic_write_text(out / META_FILE, json.dumps(meta or {}, indent=2, default=str))
+    return out

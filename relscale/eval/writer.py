@@ -1,0 +1,203 @@
+"""Per-example dumps: one Parquet file per (model, eval set), written atomically, never replaced.
+
+Layout: ``<out>/<dataset>/<model_id>.parquet``, so all models' dumps of one eval set are one
+folder (``pandas.read_parquet(out / dataset)`` reads them as one table).
+
+Rows: one per example *per grouping field*. ``grouping`` names the field (``century``,
+``sotu_type``, ``subject``, ...), ``group`` its value for the example; an example with no group
+labels gets ``grouping = group = "all"``. An example with two group fields therefore appears
+twice with the same metrics: select one grouping before aggregating
+(``df[df.grouping == "century"].groupby("group")``).
+
+Columns (types are fixed, so files of different models concatenate):
+    model columns  model_id, step (null for final weights), params, non_embedding_params,
+                   tokens (training tokens), flops_train, flops_marin, budget (flops_marin
+                   convention; null when unknown), hidden, layers, source (checkpoint path)
+    example        dataset, grouping, group, example_id
+    text sets      nll (nats, summed over scored tokens), n_tokens, n_bytes, bpb
+    multiple choice choice_logprobs, choice_logprobs_norm (per token), choice_n_tokens, answer,
+                   logprob_correct, prob_correct (softmax over the choices' summed log-probs),
+                   acc, acc_norm (argmax of the per-token normalised log-probs)
+The eval settings (context, stride, prompt format, beginning token, ...) are stored as JSON in the
+file's schema metadata under ``relscale_eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from relscale.errors import DataError
+from relscale.eval.formats import NO_GROUP
+
+MODEL_FIELDS = [
+    ("model_id", pa.string()),
+    ("step", pa.int64()),
+    ("params", pa.int64()),
+    ("non_embedding_params", pa.int64()),
+    ("tokens", pa.int64()),
+    ("flops_train", pa.float64()),
+    ("flops_marin", pa.float64()),
+    ("budget", pa.float64()),
+    ("hidden", pa.int64()),
+    ("layers", pa.int64()),
+    ("source", pa.string()),
+]
+EXAMPLE_FIELDS = [
+    ("dataset", pa.string()),
+    ("grouping", pa.string()),
+    ("group", pa.string()),
+    ("example_id", pa.string()),
+]
+TEXT_FIELDS = [
+    ("nll", pa.float64()),
+    ("n_tokens", pa.int64()),
+    ("n_bytes", pa.int64()),
+    ("bpb", pa.float64()),
+]
+MC_FIELDS = [
+    ("choice_logprobs", pa.list_(pa.float64())),
+    ("choice_logprobs_norm", pa.list_(pa.float64())),
+    ("choice_n_tokens", pa.list_(pa.int64())),
+    ("answer", pa.int64()),
+    ("logprob_correct", pa.float64()),
+    ("prob_correct", pa.float64()),
+    ("acc", pa.float64()),
+    ("acc_norm", pa.float64()),
+]
+SETTINGS_KEY = b"relscale_eval"
+
+
+def schema(kind: str) -> pa.Schema:
+    metrics = TEXT_FIELDS if kind == "text" else MC_FIELDS
+    return pa.schema([pa.field(n, t) for n, t in MODEL_FIELDS + EXAMPLE_FIELDS + metrics])
+
+
+# ------------------------------------------------------------------------------- atomic writing
+def atomic_write_with(path: Path, write: Callable[[str], Any], *, overwrite: bool = True) -> bool:
+    """``write(tmp)`` into a temporary file next to ``path``, then move it into place. With
+    ``overwrite=False`` an existing ``path`` is kept and False returned."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        if overwrite:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # fails if path exists: a finished file is never replaced
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_with(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------- dumps
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a model id or dataset name."""
+    return re.sub(r"[^A-Za-z0-9_.@+=-]+", "_", name).strip("._") or "unnamed"
+
+
+def dump_path(out_dir: Path, dataset: str, model_id: str) -> Path:
+    return Path(out_dir) / safe_name(dataset) / f"{safe_name(model_id)}.parquet"
+
+
+def expand_groups(example_rows: list[dict]) -> list[dict]:
+    """One row per example per grouping field (see the module docstring)."""
+    out = []
+    for row in example_rows:
+        row = dict(row)
+        groups = row.pop("groups") or {NO_GROUP: NO_GROUP}
+        for grouping, group in groups.items():
+            out.append({"grouping": grouping, "group": group, **row})
+    return out
+
+
+def write_dump(
+    path: Path,
+    kind: str,
+    model_columns: dict[str, Any],
+    dataset: str,
+    example_rows: list[dict],
+    settings: dict[str, Any],
+    *,
+    force: bool = False,
+) -> bool:
+    """Write the dump; False (and nothing written) when a finished file exists and not ``force``."""
+    rows = [{**model_columns, "dataset": dataset, **row} for row in expand_groups(example_rows)]
+    file_schema = schema(kind).with_metadata({SETTINGS_KEY: json.dumps(settings, default=str)})
+    try:
+        table = pa.Table.from_pylist(rows, schema=file_schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise DataError(f"{path}: cannot build the dump table ({err})") from err
+    return atomic_write_with(path, lambda tmp: pq.write_table(table, tmp), overwrite=force)
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(SETTINGS_KEY, b"{}"))
+
+
+# -------------------------------------------------------------------------------------- summary
+def summarize(kind: str, example_rows: list[dict]) -> list[dict]:
+    """Per (grouping, group): example count and pooled metrics (token-weighted NLL, bpb over
+    bytes; mean accuracy and probability of the right answer)."""
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for row in example_rows:
+        for grouping, group in (row["groups"] or {NO_GROUP: NO_GROUP}).items():
+            acc = table.setdefault((grouping, group), {"examples": 0})
+            acc["examples"] += 1
+            if kind == "text":
+                for key in ("nll", "n_tokens", "n_bytes"):
+                    acc[key] = acc.get(key, 0) + row[key]
+            else:
+                for key in ("acc", "prob_correct", "logprob_correct"):
+                    acc[key] = acc.get(key, 0) + row[key]
+    out = []
+    for (grouping, group), acc in sorted(table.items()):
+        n = acc["examples"]
+        if kind == "text":
+            stats = {
+                "tokens": int(acc["n_tokens"]),
+                "nll_per_token": acc["nll"] / max(acc["n_tokens"], 1),
+                "bpb": acc["nll"] / (math.log(2) * max(acc["n_bytes"], 1)),
+            }
+        else:
+            stats = {
+                "acc": acc["acc"] / n,
+                "prob_correct": acc["prob_correct"] / n,
+                "logprob_correct": acc["logprob_correct"] / n,
+            }
+        out.append({"grouping": grouping, "group": group, "examples": n, **stats})
+    return out
+
+
+def format_summary(title: str, summary: list[dict]) -> str:
+    if not summary:
+        return f"{title}: no examples"
+    columns = list(summary[0])
+    cells = [[_cell(row[c]) for c in columns] for row in summary]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = [title, "  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
