@@ -1,0 +1,126 @@
+"""`relscale fit`: scaling-law fits from eval dumps, a sweep results index, or a CSV table."""
+
+from __future__ import annotations
+
+import argparse
+
+from relscale.errors import RelscaleError
+
+from .io import METRICS, TRANSFORMS
+from .report import WHAT, run_fit
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        help="eval dump Parquet files/folders, a sweep dir or results.parquet, or a CSV table",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=("auto", "dumps", "index", "table"),
+        default="auto",
+        help="input kind (auto: from the files' columns)",
+    )
+    parser.add_argument("--what", choices=("all", *WHAT), default="all", help="which fit(s) to run")
+    parser.add_argument("--out", default=None, help="output folder for tables and figures (not overwritten)")
+    parser.add_argument("--metric", choices=sorted(METRICS), default="bpb", help="eval-dump metric")
+    parser.add_argument(
+        "--transform",
+        choices=sorted(TRANSFORMS),
+        default=None,
+        help="metric -> error (default per metric: acc one_minus, prob_correct neg_log, ...)",
+    )
+    parser.add_argument(
+        "--flops",
+        default="flops_marin",
+        help="FLOP column / convention: flops_marin (forward-only, sweep budgets) or flops_train",
+    )
+    parser.add_argument(
+        "--baseline", default="pooled", help="baseline group name, or 'pooled' (mean of groups)"
+    )
+    parser.add_argument(
+        "--targets", nargs="*", default=None, help="target groups (default: all but baseline)"
+    )
+    parser.add_argument(
+        "--select",
+        choices=("all", "optimal"),
+        default="all",
+        help="models for group/relative laws: all, or the compute-optimal one per budget",
+    )
+    parser.add_argument("--irreducible", action="store_true", help="absolute laws E = c + a F^-beta")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws (vectorised fits)")
+    parser.add_argument("--parametric-boot", type=int, default=100, help="bootstrap refits of approach 3")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--level", type=float, default=0.95, help="interval level")
+    parser.add_argument("--project-at", type=float, nargs="*", default=(), help="FLOPs to project G(F) at")
+    parser.add_argument(
+        "--isoflop-var", choices=("params", "tokens"), default="params", help="x of the IsoFLOP parabolas"
+    )
+    parser.add_argument(
+        "--isoflop-group",
+        default=None,
+        help="group whose loss the IsoFLOP/approach-3 fits use (default: mean over groups)",
+    )
+    parser.add_argument(
+        "--robust",
+        choices=("none", "soft_l1", "huber"),
+        default="none",
+        help="robust loss for the IsoFLOP parabolas",
+    )
+    for role in ("params", "tokens", "flops", "loss", "group", "model", "budget"):
+        parser.add_argument(f"--{role}-col", default=None, help=f"table column holding {role}")
+    parser.add_argument("--no-plots", action="store_true", help="write tables only")
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into a folder with results")
+
+
+def run(args: argparse.Namespace) -> int:
+    columns = {
+        ("model_id" if role == "model" else role): getattr(args, f"{role}_col")
+        for role in ("params", "tokens", "flops", "loss", "group", "model", "budget")
+        if getattr(args, f"{role}_col", None)
+    }
+    # RelscaleError propagates: the top-level `relscale` CLI prints its message and exits 2.
+    run_fit(
+        args.inputs,
+        what=args.what,
+        kind=args.kind,
+        metric=args.metric,
+        transform=args.transform,
+        flops=args.flops,
+        columns=columns or None,
+        baseline=args.baseline,
+        targets=args.targets,
+        select=args.select,
+        irreducible=args.irreducible,
+        isoflop_var=args.isoflop_var,
+        isoflop_group=args.isoflop_group,
+        robust=None if args.robust == "none" else args.robust,
+        n_boot=args.n_boot,
+        parametric_boot=args.parametric_boot,
+        seed=args.seed,
+        level=args.level,
+        project_at=args.project_at,
+        out_dir=args.out,
+        plots=not args.no_plots,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (python -m relscale.fit.cli) until the lead wires `relscale fit`."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="relscale fit", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except RelscaleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

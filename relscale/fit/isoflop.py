@@ -1,0 +1,402 @@
+"""Chinchilla approach 2: IsoFLOP parabolas, their minima, and compute-optimal frontier power laws.
+
+Per budget C, loss is fitted as a quadratic in u = log10 N (or log10 D): plain least squares, or a
+robust fit (scipy.optimize.least_squares with a soft_l1 / huber loss). The vertex gives N*, D*, L*.
+D* (resp. N*) is read off the budget's own points: on an IsoFLOP line log D is linear in log N
+(exactly so when C = k N D), so a line through the points is evaluated at the vertex, with no
+assumption on k. Bootstrap: points are resampled within each budget, each budget independently.
+Frontier laws N* = a C**alpha, D* = b C**beta, L* = l C**lambda are log-log lines over budgets; their
+intervals refit the line on every bootstrap draw of the minima.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import least_squares
+
+from relscale.errors import DataError
+
+from ._threads import single_threaded_blas
+from .bootstrap import percentile_interval, resample_counts
+from .diagnostics import ConcaveFitWarning, DroppedDataWarning, EdgeOfRangeWarning, warn
+from .io import FitData
+from .powerlaw import PowerLawFit, fit_power_law
+
+ROBUST_LOSSES = (None, "soft_l1", "huber", "cauchy", "arctan")
+
+
+@dataclass(frozen=True)
+class BudgetFit:
+    """The parabola loss = c2 u**2 + c1 u + c0, u = log10(x) - center, of one IsoFLOP budget."""
+
+    budget: float
+    n_points: int
+    fit_var: str  # "params" or "tokens": the x of the parabola
+    coeffs: tuple[float, float, float]  # (c2, c1, c0)
+    center: float
+    objective: float  # sum of squared residuals (plain) or robust cost (least_squares .cost)
+    converged: bool
+    concave: bool  # opens downward: no minimum
+    at_edge: bool  # vertex outside, or within edge_fraction of an end of, the sampled x range
+    x_range: tuple[float, float]
+    n_opt: float
+    d_opt: float
+    loss_opt: float
+    n_opt_ci: tuple[float, float]
+    d_opt_ci: tuple[float, float]
+    loss_opt_ci: tuple[float, float]
+    n_boot_failed: int  # draws with < 3 distinct points or a concave parabola
+
+    def curve(self, x: np.ndarray) -> np.ndarray:
+        u = np.log10(np.asarray(x, dtype=float)) - self.center
+        c2, c1, c0 = self.coeffs
+        return c2 * u * u + c1 * u + c0
+
+
+@dataclass(frozen=True)
+class IsoFlopResult:
+    budgets: tuple[BudgetFit, ...]
+    n_opt_law: PowerLawFit | None  # N* = coef * C**exponent
+    d_opt_law: PowerLawFit | None
+    loss_law: PowerLawFit | None  # L* = coef * C**exponent
+    fit_var: str
+    robust: str | None
+    budget_convention: str  # FLOP convention of the budgets C
+    frontier_budgets: tuple[float, ...]  # budgets used for the frontier laws
+    n_boot: int
+    level: float
+    seed: int
+    group: str | None = None  # the group whose loss was fitted (None: a single loss or the mean over groups)
+
+    @property
+    def any_edge(self) -> bool:
+        return any(b.at_edge for b in self.budgets)
+
+    @property
+    def any_concave(self) -> bool:
+        return any(b.concave for b in self.budgets)
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for b in self.budgets:
+            rows.append(
+                {
+                    "budget": b.budget,
+                    "flop_convention": self.budget_convention,
+                    "n_points": b.n_points,
+                    "fit_var": b.fit_var,
+                    "n_opt": b.n_opt,
+                    "n_opt_lo": b.n_opt_ci[0],
+                    "n_opt_hi": b.n_opt_ci[1],
+                    "d_opt": b.d_opt,
+                    "d_opt_lo": b.d_opt_ci[0],
+                    "d_opt_hi": b.d_opt_ci[1],
+                    "loss_opt": b.loss_opt,
+                    "loss_opt_lo": b.loss_opt_ci[0],
+                    "loss_opt_hi": b.loss_opt_ci[1],
+                    "objective": b.objective,
+                    "converged": b.converged,
+                    "concave": b.concave,
+                    "at_edge": b.at_edge,
+                    "in_frontier": b.budget in self.frontier_budgets,
+                    "n_boot_failed": b.n_boot_failed,
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def laws_table(self) -> pd.DataFrame:
+        rows = []
+        for name, law in (("n_opt", self.n_opt_law), ("d_opt", self.d_opt_law), ("loss_opt", self.loss_law)):
+            if law is None:
+                continue
+            rows.append(
+                {
+                    "quantity": name,
+                    "flop_convention": self.budget_convention,
+                    "coef": law.coef,
+                    "coef_lo": law.coef_ci[0],
+                    "coef_hi": law.coef_ci[1],
+                    "exponent": law.exponent,
+                    "exponent_lo": law.exponent_ci[0],
+                    "exponent_hi": law.exponent_ci[1],
+                    "exponent_se": law.exponent_se,
+                    "n_budgets": law.n_points,
+                    "r2": law.r2,
+                }
+            )
+        return pd.DataFrame(rows)
+
+
+def snap_budgets(flops: np.ndarray, tolerance_decades: float = 0.05) -> np.ndarray:
+    """Cluster FLOP counts that lie within tolerance_decades (log10) of their neighbours into budgets.
+
+    Each cluster's budget is its geometric-mean FLOPs. Used when a table has no budget column.
+    """
+    log_f = np.log10(np.asarray(flops, dtype=float))
+    order = np.argsort(log_f, kind="stable")
+    cluster = np.concatenate([[0], np.cumsum(np.diff(log_f[order]) > tolerance_decades)])
+    budgets = np.empty_like(log_f)
+    for c in np.unique(cluster):
+        members = order[cluster == c]
+        budgets[members] = 10 ** log_f[members].mean()
+    return budgets
+
+
+def _design(u: np.ndarray) -> np.ndarray:
+    return np.stack([u * u, u, np.ones_like(u)], axis=-1)
+
+
+def _plain_fits(u: np.ndarray, y: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Weighted quadratic fits for every count vector at once: (D, n) counts -> (D, 3) coefficients.
+
+    Draws with fewer than 3 distinct u values have no unique parabola and give NaN.
+    """
+    design = _design(u)
+    normal = np.einsum("di,ij,ik->djk", counts, design, design)
+    rhs = np.einsum("di,ij,i->dj", counts, design, y)
+    _, inverse = np.unique(u, return_inverse=True)
+    distinct = (counts @ np.eye(inverse.max() + 1)[inverse] > 0).sum(axis=1)
+    degenerate = distinct < 3
+    normal[degenerate] = np.eye(3)
+    coeffs = np.linalg.solve(normal, rhs[..., None])[..., 0]
+    coeffs[degenerate] = np.nan
+    return coeffs
+
+
+def _robust_fit(u: np.ndarray, y: np.ndarray, loss: str, f_scale: float, x0: np.ndarray):
+    design = _design(u)
+    return least_squares(
+        lambda c: design @ c - y,
+        x0,
+        loss=loss,
+        f_scale=f_scale,
+        method="trf",
+        xtol=1e-12,
+        ftol=1e-12,
+        gtol=1e-12,
+    )
+
+
+def _vertex(coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(…, 3) -> vertex u*, loss*; NaN where the parabola is not convex."""
+    c2, c1, c0 = coeffs[..., 0], coeffs[..., 1], coeffs[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u_star = np.where(c2 > 0, -c1 / (2 * c2), np.nan)
+        return u_star, c0 - c1 * c1 / (4 * c2) + 0 * u_star
+
+
+def fit_isoflop(
+    data: pd.DataFrame | FitData,
+    *,
+    fit_var: str = "params",
+    group: str | None = None,
+    robust: str | None = None,
+    f_scale: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    edge_fraction: float = 0.05,
+    exclude_edge: bool = False,
+    budget_convention: str | None = None,
+) -> IsoFlopResult:
+    """IsoFLOP (approach 2) analysis of points with columns params, tokens, budget (or flops), loss.
+
+    data: a DataFrame with those columns, or a FitData (its per-model loss: one group, or the mean
+    over groups when group is None). Budgets missing -> snapped from flops (snap_budgets).
+    exclude_edge leaves budgets whose vertex is at the edge out of the frontier laws.
+    """
+    if fit_var not in ("params", "tokens"):
+        raise DataError(f"fit_var must be 'params' or 'tokens', got {fit_var!r}")
+    if robust not in ROBUST_LOSSES:
+        raise DataError(f"robust must be one of {ROBUST_LOSSES}, got {robust!r}")
+    if isinstance(data, FitData):
+        convention = budget_convention or data.budget_convention
+        frame = data.per_model(group)
+    else:
+        convention = budget_convention or "unspecified"
+        frame = data
+    needed = [fit_var, "loss"]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise DataError(f"IsoFLOP fit: missing column(s) {missing}; columns present: {sorted(frame.columns)}")
+    if "budget" in frame.columns and np.isfinite(frame["budget"].to_numpy(float)).all():
+        budget = frame["budget"].to_numpy(float)
+    elif "flops" in frame.columns:
+        budget = snap_budgets(frame["flops"].to_numpy(float))
+        if not isinstance(data, FitData) and budget_convention is None:
+            convention = "unspecified (budgets snapped from flops)"
+        elif isinstance(data, FitData):
+            convention = data.flop_convention
+    else:
+        raise DataError("IsoFLOP fit: need a 'budget' column (or 'flops' to snap budgets from)")
+    other_var = "tokens" if fit_var == "params" else "params"
+    x = frame[fit_var].to_numpy(float)
+    loss = frame["loss"].to_numpy(float)
+    other = frame[other_var].to_numpy(float) if other_var in frame.columns else np.full_like(x, np.nan)
+    bad = ~(np.isfinite(x) & (x > 0) & np.isfinite(loss))
+    if bad.any():
+        raise DataError(
+            f"IsoFLOP fit: non-finite or non-positive {fit_var}/loss in rows {np.flatnonzero(bad)[:20]}"
+        )
+
+    rng = np.random.default_rng(seed)
+    fits: list[BudgetFit] = []
+    boot_log = {"n": [], "d": [], "l": []}
+    skipped = []
+    for b in np.unique(budget):
+        sel = budget == b
+        if len(np.unique(x[sel])) < 3:
+            skipped.append(float(b))
+            continue
+        fit, draws = _fit_budget(
+            float(b),
+            x[sel],
+            other[sel],
+            loss[sel],
+            fit_var,
+            robust,
+            f_scale,
+            n_boot,
+            rng,
+            level,
+            edge_fraction,
+        )
+        fits.append(fit)
+        for key, d in zip(("n", "d", "l"), draws):
+            boot_log[key].append(d)
+    if skipped:
+        warn(
+            DroppedDataWarning,
+            f"IsoFLOP budgets {skipped} have fewer than 3 distinct {fit_var} values; skipped",
+        )
+    concave = [f.budget for f in fits if f.concave]
+    if concave:
+        warn(
+            ConcaveFitWarning,
+            f"IsoFLOP parabolas open downward (no minimum) at budgets {concave}; left out of the frontier",
+        )
+    edge = [f.budget for f in fits if f.at_edge]
+    if edge:
+        warn(
+            EdgeOfRangeWarning,
+            f"IsoFLOP minima at or beyond the edge of the sampled {fit_var} range at "
+            f"budgets {edge}: sample wider around them"
+            + ("; left out of the frontier" if exclude_edge else ""),
+        )
+
+    use = [i for i, f in enumerate(fits) if not f.concave and not (exclude_edge and f.at_edge)]
+    laws: list[PowerLawFit | None] = [None, None, None]
+    if len(use) >= 2:
+        c = np.array([fits[i].budget for i in use])
+        values = [np.array([getattr(fits[i], k) for i in use]) for k in ("n_opt", "d_opt", "loss_opt")]
+        for j, key in enumerate(("n", "d", "l")):
+            boot = np.stack([boot_log[key][i] for i in use], axis=1) if n_boot else None
+            if np.isfinite(values[j]).sum() >= 2:
+                laws[j] = fit_power_law(c, values[j], boot_log_y=boot, level=level)
+    return IsoFlopResult(
+        budgets=tuple(fits),
+        n_opt_law=laws[0],
+        d_opt_law=laws[1],
+        loss_law=laws[2],
+        fit_var=fit_var,
+        robust=robust,
+        budget_convention=convention,
+        frontier_budgets=tuple(fits[i].budget for i in use),
+        n_boot=n_boot,
+        level=level,
+        seed=seed,
+        group=group,
+    )
+
+
+def _fit_budget(budget, x, other, loss, fit_var, robust, f_scale, n_boot, rng, level, edge_fraction):
+    log_x = np.log10(x)
+    center = float(log_x.mean())
+    u = log_x - center
+    n = u.size
+    coeffs = _plain_fits(u, loss, np.ones((1, n)))[0]
+    objective = float(((_design(u) @ coeffs - loss) ** 2).sum())
+    converged = True
+    if robust is not None:
+        scale = f_scale if f_scale is not None else _robust_scale(_design(u) @ coeffs - loss, loss)
+        res = _robust_fit(u, loss, robust, scale, coeffs)
+        coeffs, objective, converged = res.x, float(res.cost), bool(res.success)
+
+    # log10 of the other variable as a line in u over this budget's points (NaN if unavailable).
+    log_other = np.log10(other)
+    if np.isfinite(log_other).all():
+        slope, intercept = np.polyfit(u, log_other, 1)
+    else:
+        slope = intercept = np.nan
+
+    u_star, l_star = _vertex(coeffs)
+    concave = not coeffs[0] > 0
+    lo, hi = u.min(), u.max()
+    margin = edge_fraction * (hi - lo)
+    at_edge = bool(not concave and not (lo + margin < u_star < hi - margin))
+
+    # Bootstrap within the budget.
+    log_n_draws = log_d_draws = log_l_draws = np.full(n_boot, np.nan)
+    n_failed = 0
+    if n_boot:
+        counts = resample_counts(rng, n, n_boot).astype(float)
+        if robust is None:
+            boot = _plain_fits(u, loss, counts)
+        else:
+            scale = f_scale if f_scale is not None else _robust_scale(_design(u) @ coeffs - loss, loss)
+            boot = np.full((n_boot, 3), np.nan)
+            with single_threaded_blas():
+                for i in range(n_boot):
+                    idx = np.repeat(np.arange(n), counts[i].astype(int))
+                    if len(np.unique(u[idx])) >= 3:
+                        boot[i] = _robust_fit(u[idx], loss[idx], robust, scale, coeffs).x
+        bu, bl = _vertex(boot)
+        n_failed = int(np.isnan(bu).sum())
+        log_x_draws = center + bu
+        other_draws = intercept + slope * bu
+        log_n_draws, log_d_draws = (
+            (log_x_draws, other_draws) if fit_var == "params" else (other_draws, log_x_draws)
+        )
+        log_n_draws, log_d_draws = log_n_draws * np.log(10), log_d_draws * np.log(10)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            log_l_draws = np.log(bl)
+
+    x_star = 10 ** (center + u_star)
+    other_star = 10 ** (intercept + slope * u_star)
+    n_opt, d_opt = (x_star, other_star) if fit_var == "params" else (other_star, x_star)
+
+    def ci(log_draws):
+        if not n_boot:
+            return (np.nan, np.nan)
+        a, b = percentile_interval(np.exp(log_draws), level)
+        return (float(a), float(b))
+
+    fit = BudgetFit(
+        budget=budget,
+        n_points=n,
+        fit_var=fit_var,
+        coeffs=tuple(float(c) for c in coeffs),
+        center=center,
+        objective=objective,
+        converged=converged,
+        concave=concave,
+        at_edge=at_edge,
+        x_range=(float(x.min()), float(x.max())),
+        n_opt=float(n_opt),
+        d_opt=float(d_opt),
+        loss_opt=float(l_star) if not concave else np.nan,
+        n_opt_ci=ci(log_n_draws),
+        d_opt_ci=ci(log_d_draws),
+        loss_opt_ci=ci(log_l_draws),
+        n_boot_failed=n_failed,
+    )
+    return fit, (log_n_draws, log_d_draws, log_l_draws)
+
+
+def _robust_scale(residuals: np.ndarray, loss: np.ndarray) -> float:
+    """Residual scale at which the robust loss starts to down-weight: 1.4826 MAD, floored."""
+    mad = 1.4826 * np.median(np.abs(residuals - np.median(residuals)))
+    return float(max(mad, 1e-6 * max(np.abs(loss).max(), 1e-12)))

@@ -1,0 +1,388 @@
+"""run_fit: load inputs, run the requested fits, write tidy tables (CSV, Markdown) and figures.
+
+This is the function behind `relscale fit` and the end of `relscale demo`. It returns a FitReport
+holding every result object; its `summary` is the printed table (group, beta, delta_beta with its
+interval, verdict) with the FLOP convention spelled out.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from relscale.errors import DataError
+
+from .io import FLOP_NOTE, FitData, from_table, load
+from .isoflop import IsoFlopResult, fit_isoflop
+from .laws import ErrorMatrix, GroupLaws, RelativeLaws, error_matrix, fit_group_laws, fit_relative_laws
+from .parametric import DERIVED_NAMES, ParametricFit, fit_parametric
+
+WHAT = ("isoflop", "parametric", "groups", "relative")
+
+
+@dataclass(frozen=True, eq=False)
+class FitReport:
+    data: FitData
+    isoflop: IsoFlopResult | None = None
+    parametric: ParametricFit | None = None
+    groups: GroupLaws | None = None
+    relative: RelativeLaws | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # fit -> why it was not run
+    files: tuple[Path, ...] = ()
+    summary: str = ""
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A GitHub-flavoured Markdown table (no tabulate dependency)."""
+
+    def cell(v) -> str:
+        if isinstance(v, (float, np.floating)):
+            return "" if np.isnan(v) else format(float(v), floatfmt)
+        return str(v).replace("|", "\\|")
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _write_table(frame: pd.DataFrame, out_dir: Path, stem: str, footnote: str) -> list[Path]:
+    csv = atomic_write_text(out_dir / f"{stem}.csv", frame.to_csv(index=False))
+    md = atomic_write_text(out_dir / f"{stem}.md", markdown_table(frame) + f"\n\n{footnote}\n")
+    return [csv, md]
+
+
+def _fmt_ci(lo: float, hi: float, fmt: str = ".3f") -> str:
+    return f"[{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def summary_table(rel: RelativeLaws | None, groups: GroupLaws | None = None) -> pd.DataFrame:
+    """group, beta, delta_beta with interval, verdict: the table `relscale demo` shows."""
+    if rel is not None:
+        return pd.DataFrame(
+            {
+                "group": rel.groups,
+                "beta": [f"{b:.3f}" for b in rel.beta],
+                "delta_beta": [f"{d:+.3f}" for d in rel.delta_beta],
+                f"{int(rel.level * 100)}% CI": [_fmt_ci(lo, hi, "+.3f") for lo, hi in rel.delta_beta_ci],
+                "verdict": rel.verdict,
+                "parity F*": [f"{p:.2e}" if np.isfinite(p) else "" for p in rel.parity_flops],
+            }
+        )
+    if groups is not None:
+        return pd.DataFrame(
+            {
+                "group": groups.groups,
+                "beta": [f"{b:.3f}" for b in groups.beta],
+                f"{int(groups.level * 100)}% CI": [_fmt_ci(lo, hi) for lo, hi in groups.beta_ci],
+            }
+        )
+    return pd.DataFrame()
+
+
+def format_summary(report: FitReport) -> str:
+    lines = []
+    data = report.data
+    lines.append(
+        f"relscale fit: {len(data.frame['model_id'].unique())} models, {len(data.groups)} groups; "
+        f"metric {data.metric}, transform {data.transform}; F in {data.flop_convention}"
+    )
+    iso = report.isoflop
+    if iso is not None and iso.n_opt_law is not None:
+        law = iso.n_opt_law
+        lines.append(
+            f"IsoFLOP: N* = {law.coef:.3g} C^{law.exponent:.3f} {_fmt_ci(*law.exponent_ci)} "
+            f"(C in {iso.budget_convention})"
+        )
+    if iso is not None and (iso.any_edge or iso.any_concave):
+        edge = [f"{b.budget:.3g}" for b in iso.budgets if b.at_edge]
+        concave = [f"{b.budget:.3g}" for b in iso.budgets if b.concave]
+        lines.append(
+            f"  warning: IsoFLOP minima at the sampled edge at {edge}; parabolas opening down at {concave}"
+        )
+    if report.parametric is not None:
+        p = report.parametric
+        ci = p.ci.get("alpha", (np.nan, np.nan)), p.ci.get("beta", (np.nan, np.nan))
+        lines.append(
+            f"Approach 3: E={p.E:.4g} A={p.A:.4g} B={p.B:.4g} alpha={p.alpha:.4f} {_fmt_ci(*ci[0])} "
+            f"beta={p.beta:.4f} {_fmt_ci(*ci[1])} objective={p.objective:.4g} converged={p.converged}"
+        )
+        if p.at_bound:
+            lines.append(f"  warning: approach-3 parameters {list(p.at_bound)} ended on their bounds")
+        if p.optimum_outside_range:
+            lines.append(
+                "  warning: implied N_opt outside the sampled sizes at compute "
+                f"{[f'{c:.3g}' for c in p.optimum_outside_range]}"
+            )
+    for laws in (report.groups, report.relative):
+        if laws is not None and laws.edge_budgets:
+            lines.append(
+                "  warning: the selected compute-optimal model is the smallest or largest sampled at "
+                f"budgets {[f'{b:.3g}' for b in laws.edge_budgets]}"
+            )
+            break
+    table = summary_table(report.relative, report.groups)
+    if not table.empty:
+        if report.relative is not None:
+            r = report.relative
+            lines.append(
+                f"Relative laws against baseline '{r.baseline}' ({r.selection} models, "
+                f"{r.n_boot} paired-bootstrap draws, seed {r.seed}):"
+            )
+        lines.append(table.to_string(index=False))
+    for what, why in report.skipped.items():
+        lines.append(f"skipped {what}: {why}")
+    lines.append(FLOP_NOTE)
+    return "\n".join(lines)
+
+
+def _can_isoflop(data: FitData) -> str | None:
+    frame = data.per_model()
+    budget = frame["budget"].to_numpy(float)
+    if not np.isfinite(budget).all():
+        return None  # budgets will be snapped from flops; fit_isoflop decides
+    sizes = frame.groupby("budget")["params"].nunique()
+    return None if (sizes >= 3).any() else "no budget has 3 or more model sizes"
+
+
+def run_fit(
+    source: FitData | pd.DataFrame | str | Path | Sequence[str | Path],
+    *,
+    what: str | Iterable[str] = "all",
+    kind: str = "auto",
+    metric: str = "bpb",
+    transform: str | None = None,
+    flops: str = "flops_marin",
+    columns: Mapping[str, str] | None = None,
+    baseline: str = "pooled",
+    targets: Sequence[str] | None = None,
+    select: str = "all",
+    optimal_by: str | None = None,
+    irreducible: bool = False,
+    isoflop_var: str = "params",
+    isoflop_group: str | None = None,
+    robust: str | None = None,
+    n_boot: int = 1000,
+    parametric_boot: int = 100,
+    parametric_starts: int | None = 64,
+    seed: int = 0,
+    level: float = 0.95,
+    project_at: Sequence[float] = (),
+    out_dir: str | Path | None = None,
+    plots: bool = True,
+    overwrite: bool = False,
+    echo: Callable[[str], None] | None = print,
+) -> FitReport:
+    """Run the fits named in `what` ('all' or any of isoflop, parametric, groups, relative)."""
+    wanted = set(WHAT) if what == "all" else ({what} if isinstance(what, str) else set(what))
+    unknown = wanted - set(WHAT)
+    if unknown:
+        raise DataError(f"unknown fit(s) {sorted(unknown)}; choose from {WHAT} or 'all'")
+    explicit = what != "all"
+    if isinstance(source, FitData):
+        data = source
+    elif isinstance(source, pd.DataFrame):
+        data = from_table(source, columns=columns, transform=transform or "identity")
+    else:
+        data = load(source, kind=kind, metric=metric, transform=transform, flops=flops, columns=columns)
+
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        existing = sorted(p.name for p in out.iterdir() if p.stem in _OUTPUT_STEMS)
+        if existing and not overwrite:
+            raise DataError(
+                f"output folder {str(out)!r} already holds fit results {existing[:6]}; "
+                "choose another folder (finished results are never overwritten)"
+            )
+
+    skipped: dict[str, str] = {}
+    results: dict[str, object] = {}
+
+    def attempt(name: str, reason: str | None, fn: Callable[[], object]) -> None:
+        if name not in wanted:
+            return
+        if reason is not None:
+            if explicit:
+                raise DataError(f"cannot run the {name} fit: {reason}")
+            skipped[name] = reason
+            return
+        results[name] = fn()
+
+    attempt(
+        "isoflop",
+        _can_isoflop(data),
+        lambda: fit_isoflop(
+            data,
+            fit_var=isoflop_var,
+            group=isoflop_group,
+            robust=robust,
+            n_boot=n_boot,
+            seed=seed,
+            level=level,
+        ),
+    )
+    per_model = data.per_model(isoflop_group)
+    few_points = (
+        "needs at least 5 models with distinct params and tokens"
+        if (per_model[["params", "tokens"]].drop_duplicates().shape[0] < 5)
+        else None
+    )
+    attempt(
+        "parametric",
+        few_points,
+        lambda: fit_parametric(
+            per_model["params"],
+            per_model["tokens"],
+            per_model["loss"],
+            n_boot=parametric_boot,
+            seed=seed,
+            level=level,
+            n_starts=parametric_starts,
+        ),
+    )
+    em: ErrorMatrix = error_matrix(data)
+    attempt(
+        "groups",
+        None if em.flops.size >= 3 else "fewer than 3 models",
+        lambda: fit_group_laws(
+            em,
+            select=select,
+            optimal_by=optimal_by or "pooled",
+            irreducible=irreducible,
+            n_boot=n_boot,
+            seed=seed,
+            level=level,
+        ),
+    )
+    attempt(
+        "relative",
+        "fewer than 2 groups" if len(em.groups) < 2 else None,
+        lambda: fit_relative_laws(
+            em,
+            baseline=baseline,
+            targets=targets,
+            select=select,
+            optimal_by=optimal_by,
+            n_boot=n_boot,
+            seed=seed,
+            level=level,
+            project_at=project_at,
+        ),
+    )
+
+    report = FitReport(
+        data=data,
+        isoflop=results.get("isoflop"),
+        parametric=results.get("parametric"),
+        groups=results.get("groups"),
+        relative=results.get("relative"),
+        skipped=skipped,
+    )
+    files: list[Path] = []
+    if out is not None:
+        files = _write_outputs(report, em, out, plots)
+    summary = format_summary(report)
+    if out is not None:
+        files.append(atomic_write_text(out / "summary.txt", summary + "\n"))
+    report = replace(report, files=tuple(files), summary=summary)
+    if echo is not None:
+        echo(summary)
+    return report
+
+
+_OUTPUT_STEMS = {
+    "isoflop_budgets",
+    "isoflop_laws",
+    "parametric",
+    "group_laws",
+    "relative_laws",
+    "isoflop",
+    "group_laws_plot",
+    "relative_trajectories",
+    "relative_forest",
+    "summary",
+}
+
+
+def _parametric_frame(p: ParametricFit) -> pd.DataFrame:
+    values = p.summary()
+    rows = [
+        {
+            "parameter": k,
+            "value": values[k],
+            "lo": p.ci.get(k, (np.nan,) * 2)[0],
+            "hi": p.ci.get(k, (np.nan,) * 2)[1],
+        }
+        for k in DERIVED_NAMES
+    ]
+    frame = pd.DataFrame(rows)
+    frame["objective"] = p.objective
+    frame["converged"] = p.converged
+    frame["n_points"] = p.n_points
+    frame["n_boot"] = p.n_boot
+    frame["flops_per_param_token"] = p.flops_per_param_token
+    return frame
+
+
+def _write_outputs(report: FitReport, em: ErrorMatrix, out: Path, plots: bool) -> list[Path]:
+    conv = report.data.flop_convention
+    note = f"F / C in the {conv} convention. {FLOP_NOTE}"
+    files: list[Path] = []
+    if report.isoflop is not None:
+        iso_note = f"Budgets C in the {report.isoflop.budget_convention} convention. {FLOP_NOTE}"
+        files += _write_table(report.isoflop.table(), out, "isoflop_budgets", iso_note)
+        files += _write_table(report.isoflop.laws_table(), out, "isoflop_laws", iso_note)
+    if report.parametric is not None:
+        files += _write_table(
+            _parametric_frame(report.parametric),
+            out,
+            "parametric",
+            "L(N, D) = E + A/N^alpha + B/D^beta; N_opt(C) = G (C/k)^a_opt with C = k N D "
+            f"(k = {report.parametric.flops_per_param_token:g}: the 6ND training-FLOP "
+            "convention, whatever convention the inputs' FLOP column uses).",
+        )
+    if report.groups is not None:
+        files += _write_table(report.groups.table(), out, "group_laws", note)
+    if report.relative is not None:
+        files += _write_table(report.relative.table(), out, "relative_laws", note)
+    if plots:
+        from . import plots as P
+
+        figures = []
+        if report.isoflop is not None:
+            points = report.data.per_model(report.isoflop.group)
+            if not np.isfinite(points["budget"]).all():
+                from .isoflop import snap_budgets
+
+                points = points.assign(budget=snap_budgets(points["flops"].to_numpy(float)))
+            figures.append((P.plot_isoflop(report.isoflop, points), "isoflop"))
+        if report.groups is not None:
+            figures.append((P.plot_group_laws(report.groups, em), "group_laws_plot"))
+        if report.relative is not None:
+            figures.append((P.plot_relative_trajectories(report.relative, em), "relative_trajectories"))
+            figures.append((P.plot_relative_forest(report.relative), "relative_forest"))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*tight_layout.*|.*constrained_layout.*")
+            for fig, stem in figures:
+                files += P.save_figure(fig, out / stem)
+    return files
