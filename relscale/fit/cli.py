@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--baseline", default="pooled", help="baseline group name, or 'pooled' (mean of groups)"
     )
     parser.add_argument(
+        "--grouping", default=None,
+        help="eval dumps: keep one grouping field's groups (e.g. century); default: all, as 'field=group'",
+    )
+    parser.add_argument(
         "--targets", nargs="*", default=None, help="target groups (default: all but baseline)"
     )
     parser.add_argument(
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         flops=args.flops,
         columns=columns or None,
         baseline=args.baseline,
+        grouping=args.grouping,
         targets=args.targets,
         select=args.select,
         irreducible=args.irreducible,

@@ -165,8 +165,15 @@ def aggregate_dumps(
     transform: str | None = None,
     flops: str = "flops_marin",
     source: str = "eval dumps",
+    grouping: str | None = None,
 ) -> FitData:
-    """Aggregate per-example rows to one error per (model, group); see METRICS for the aggregation."""
+    """Aggregate per-example rows to one error per (model, group); see METRICS for the aggregation.
+
+    Dumps of `relscale eval` hold one row per example and grouping field (column `grouping`, e.g.
+    century or sotu_type). `grouping` keeps one field's groups; without it, several fields in the
+    dumps are kept apart by labelling groups 'grouping=group' (a pooled baseline then counts each
+    example once per field).
+    """
     if metric not in METRICS:
         raise DataError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
     needed, default_transform = METRICS[metric]
@@ -174,6 +181,7 @@ def aggregate_dumps(
     if flops not in FLOP_COLUMNS:
         raise DataError(f"eval dumps carry FLOPs as {FLOP_COLUMNS}, not {flops!r}")
     _check_columns(examples, ("model_id", *MODEL_COLUMNS, *needed), source)
+    examples = _select_grouping(examples, grouping, source)
     rows = None
     if "_file" in examples.columns:
         rows = examples["_file"].map(lambda f: Path(f).name) + ":" + examples["_row"].astype(str)
@@ -202,6 +210,22 @@ def aggregate_dumps(
     out["error"] = apply_transform(out["value"].to_numpy(), transform)
     _check_errors(out, source, f"{metric} -> {transform}")
     return FitData(out, flop_convention=flops, metric=metric, transform=transform, source=source)
+
+
+def _select_grouping(examples: pd.DataFrame, grouping: str | None, source: str) -> pd.DataFrame:
+    if "grouping" not in examples.columns:
+        if grouping is not None:
+            raise DataError(f"{source}: grouping {grouping!r} asked for; the dumps have no grouping column")
+        return examples
+    present = sorted(examples["grouping"].dropna().astype(str).unique())
+    if grouping is not None:
+        if grouping not in present:
+            raise DataError(f"{source}: no rows with grouping {grouping!r} (present: {present})")
+        return examples[examples["grouping"].astype(str) == grouping]
+    if len(present) > 1:
+        labelled = examples["grouping"].astype("string") + "=" + examples["group"].astype("string")
+        return examples.assign(group=labelled.fillna(examples["group"].astype("string")))
+    return examples
 
 
 def _check_errors(frame: pd.DataFrame, source: str, what: str) -> None:
@@ -371,6 +395,7 @@ def load(
     columns: Mapping[str, str] | None = None,
     flop_convention: str | None = None,
     dropna: bool = False,
+    grouping: str | None = None,
 ) -> FitData:
     """Load dumps, a results index, or a table; kind='auto' decides from the files' columns."""
     paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
@@ -383,6 +408,7 @@ def load(
             transform=transform,
             flops=flops,
             source=", ".join(map(str, paths)),
+            grouping=grouping,
         )
     if len(paths) != 1:
         raise DataError(f"a {kind} input is one file, got {len(paths)}")

@@ -174,6 +174,7 @@ def run_fit(
     flops: str = "flops_marin",
     columns: Mapping[str, str] | None = None,
     baseline: str = "pooled",
+    grouping: str | None = None,
     targets: Sequence[str] | None = None,
     select: str = "all",
     optimal_by: str | None = None,
@@ -203,7 +204,10 @@ def run_fit(
     elif isinstance(source, pd.DataFrame):
         data = from_table(source, columns=columns, transform=transform or "identity")
     else:
-        data = load(source, kind=kind, metric=metric, transform=transform, flops=flops, columns=columns)
+        data = load(
+            source, kind=kind, metric=metric, transform=transform, flops=flops, columns=columns,
+            grouping=grouping,
+        )
 
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:

@@ -135,3 +135,32 @@ def test_tables_name_missing_columns_and_nan_rows(tmp_path):
     table.to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(DataError, match="'Q'"):
         load(tmp_path / "t.csv", columns={"params": "N", "flops": "C", "loss": "Q"})
+
+
+def test_dumps_with_several_groupings_are_kept_apart_or_selected():
+    import pandas as pd
+
+    from relscale.fit.io import aggregate_dumps
+
+    rows = []
+    for model, scale in (("m1", 1.0), ("m2", 2.0)):
+        for doc, (century, kind) in enumerate((("1800s", "spoken"), ("1900s", "written"))):
+            for grouping, group in (("century", century), ("sotu_type", kind)):
+                rows.append(dict(model_id=model, params=10 * scale, non_embedding_params=5 * scale,
+                                 tokens=100 * scale, flops_train=3e3 * scale, flops_marin=1e3 * scale,
+                                 dataset="d", grouping=grouping, group=group, example_id=str(doc),
+                                 nll=(doc + 1) * 10.0 / scale, n_tokens=10, n_bytes=40))
+    frame = pd.DataFrame(rows)
+    labelled = aggregate_dumps(frame, metric="nll")
+    expected = ["century=1800s", "century=1900s", "sotu_type=spoken", "sotu_type=written"]
+    assert sorted(labelled.groups) == expected
+    century = aggregate_dumps(frame, metric="nll", grouping="century")
+    assert sorted(century.groups) == ["1800s", "1900s"]
+    values = century.frame.set_index(["model_id", "group"])["value"]
+    assert values[("m1", "1900s")] == 2.0 and values[("m2", "1800s")] == 0.5  # nll / n_tokens
+    import pytest
+
+    from relscale.errors import DataError
+
+    with pytest.raises(DataError, match="no rows with grouping 'party'"):
+        aggregate_dumps(frame, metric="nll", grouping="party")
