@@ -154,7 +154,7 @@ def write_results(
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
-    prov = provenance(meta.pop("device", None))
+    prov = provenance(meta.get("device"))  # meta["device"]: the device the records were measured on
     slug = device_slug("cuda" if prov["device_type"] == "cuda" else "cpu")
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     payload = {"name": name, "provenance": prov, "meta": meta, "records": records}

@@ -1,0 +1,1 @@
+"""Benchmark harness and runner (bench/), checked on the CPU at tiny shapes."""
