@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--id-field", help="example id field (default: id or doc_id, else the row number)")
     data.add_argument("--group-by", help="group fields, comma separated (default: the data's group fields)")
     data.add_argument("--limit", type=int, help="score only the first N examples of each set")
+    data.add_argument("--max-chars", type=int, help="text sets: score each document's first N characters only")
 
     scoring = parser.add_argument_group("scoring")
     scoring.add_argument(
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from relscale.eval.formats import SetOptions
     from relscale.eval.runner import RunOptions, evaluate
 
-    for name in ("context", "stride", "pack_len", "batch_tokens", "limit"):
+    for name in ("context", "stride", "pack_len", "batch_tokens", "limit", "max_chars"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {value}")
@@ -167,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         mmlu_style=args.mmlu_format,
         fewshot_pool=args.fewshot_pool,
         limit=args.limit,
+        max_chars=args.max_chars,
     )
     opts = RunOptions(
         out_dir=args.out or _default_out(args.models),

@@ -240,6 +240,19 @@ def text_set_from_dir(name: str, root: Path) -> EvalSet:
     return EvalSet(name, "text", examples, bad, source=str(root))
 
 
+def truncate_text(example: TextExample, max_chars: int) -> TextExample:
+    """The document's first ``max_chars`` characters, cut back to the last whitespace so no word
+    is split (bytes and bits-per-byte are then counted on the text actually scored)."""
+    if max_chars <= 0:
+        raise DataError(f"max_chars must be positive, got {max_chars}")
+    text = example.text
+    if len(text) > max_chars:
+        cut = text[:max_chars]
+        space = max(cut.rfind(" "), cut.rfind("\n"))
+        text = cut[:space] if space > 0 else cut
+    return TextExample(example.example_id, text, dict(example.groups))
+
+
 def text_set_from_prepared(data_dir: Path, split: str = "val", group_by: list[str] | None = None) -> EvalSet:
     """The held-out documents of a prepared data directory (``relscale prepare``), decoded back
     to text so any tokenizer can score them, grouped by the data's group fields."""
@@ -414,6 +427,7 @@ class SetOptions:
     mmlu_style: str = "letters"
     fewshot_pool: Path | None = None
     limit: int | None = None  # score only the first N examples (quick looks)
+    max_chars: int | None = None  # text sets: score only each document's first N characters
 
 
 def parse_spec(spec: str) -> tuple[str | None, str | None, str]:
@@ -520,6 +534,9 @@ def load_eval_set(spec: str, opts: SetOptions) -> EvalSet:
         eval_set.name = name
     if opts.limit is not None:
         eval_set.examples = eval_set.examples[: opts.limit]
+    if opts.max_chars is not None and eval_set.kind == "text":
+        eval_set.examples = [truncate_text(e, opts.max_chars) for e in eval_set.examples]
+        eval_set.settings = {**eval_set.settings, "max_chars": opts.max_chars}
     if not eval_set.examples and not eval_set.bad_rows:
         raise DataError(f"eval set {eval_set.name!r} ({eval_set.source}): no examples")
     return eval_set

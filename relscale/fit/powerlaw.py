@@ -114,7 +114,8 @@ def fit_power_law(
     if draws_b1 is not None and draws_b1.size:
         lo, hi = percentile_interval(draws_b1, level)
         exponent_ci = (float(lo), float(hi))
-        lo, hi = percentile_interval(np.exp(draws_b0), level)
+        with np.errstate(over="ignore"):  # a wild draw's coefficient beyond float range is inf
+            lo, hi = percentile_interval(np.exp(draws_b0), level)
         coef_ci = (float(lo), float(hi))
     return PowerLawFit(
         coef=float(np.exp(intercept)),

@@ -233,3 +233,17 @@ def test_unknown_layout_and_missing_path(tmp_path):
         load_eval_set(str(tmp_path / "nope.jsonl"), SetOptions())
     with pytest.raises(DataError, match="prepared data directory"):
         load_eval_set("default", SetOptions())
+
+
+def test_max_chars_keeps_whole_words_and_counts_what_is_scored(tmp_path):
+    import json
+
+    from relscale.eval.formats import SetOptions, load_eval_set
+
+    path = tmp_path / "docs.jsonl"
+    rows = [{"id": "a", "text": "alpha beta gamma delta", "group": "x"},
+            {"id": "b", "text": "short", "group": "y"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    eval_set = load_eval_set(f"text:{path}", SetOptions(max_chars=13, id_field="id"))
+    assert [e.text for e in eval_set.examples] == ["alpha beta", "short"]
+    assert eval_set.settings["max_chars"] == 13
