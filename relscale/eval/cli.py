@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--id-field", help="example id field (default: id or doc_id, else the row number)")
     data.add_argument("--group-by", help="group fields, comma separated (default: the data's group fields)")
     data.add_argument("--limit", type=int, help="score only the first N examples of each set")
-    data.add_argument("--max-chars", type=int, help="text sets: score each document's first N characters only")
+    data.add_argument("--max-chars", type=int, help="text sets: score each document's first N chars only")
 
     scoring = parser.add_argument_group("scoring")
     scoring.add_argument(
