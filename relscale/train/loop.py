@@ -1,0 +1,436 @@
+"""The training loop: one call of :func:`train` is one run, start to finish (or resume to finish).
+
+Per optimizer step: ``grad_accum`` micro-batches per rank (global batch = micro_batch x
+grad_accum x world size sequences), loss averaged over the global batch, gradient clipping on
+the global norm, AdamW, then (in this order) the ``on_step`` hook, metrics, validation and
+checkpoints. A non-finite loss or gradient norm stops the run *before* the optimizer step, so
+the weights and the last checkpoint stay good.
+
+Outputs in ``out_dir`` (rank 0 writes them; every rank writes its checkpoint shards):
+``metrics.jsonl`` (one JSON record per line, appended as training goes), ``checkpoints/step_XXXXXXX/``
+(written under a temporary name, then renamed), ``final/`` (safetensors + config, see
+relscale.model_io) and ``result.json`` (both written atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from relscale.config import TrainConfig, to_dict
+from relscale.counting import param_counts, run_flops
+from relscale.errors import ConfigError, RelscaleError
+from relscale.train import checkpoint as ckpt
+from relscale.train.metrics import MetricsLog, finite_or_none, peak_flops, peak_memory_mb, progress_bar
+from relscale.train.optim import build_optimizer, lr_at, resolve_settings, set_lr
+from relscale.train.parallel import DistEnv, all_reduce_sum, barrier, init_distributed, shard_model, teardown
+
+if TYPE_CHECKING:
+    from relscale.data import PreparedData
+
+RESULT = "result.json"
+METRICS = "metrics.jsonl"
+FINAL = "final"
+
+OnStep = Callable[[int, nn.Module], None]
+
+
+class TrainingDiverged(RelscaleError):
+    """The loss (or gradient norm) became NaN/inf; the run stopped before updating the weights."""
+
+    def __init__(self, step: int, loss: float, detail: str = ""):
+        self.step, self.loss = step, loss
+        super().__init__(
+            f"training diverged at step {step}: loss {loss}{detail}; the weights were not updated and "
+            "the last good checkpoint is kept (try a lower optim.lr)"
+        )
+
+
+@dataclass
+class TrainResult:
+    status: str  # "done" | "diverged"
+    final_train_loss: float | None
+    final_val_loss: float | None
+    steps: int
+    tokens: int
+    flops_train: float
+    flops_marin: float
+    wall_s: float
+    time_to_first_step_s: float | None
+    params: int
+    non_embedding_params: int
+    model_dir: str | None  # out_dir/final, None when diverged
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
+        return cls(**{f.name: data.get(f.name) for f in fields(cls)})
+
+
+def fingerprint(cfg: TrainConfig, global_batch: int) -> dict[str, Any]:
+    """What determines a run's trajectory, as dotted keys. Resuming needs the same values.
+    Left out: kernel backends, dtype/device, batch layout (same global batch), logging, paths."""
+    flat: dict[str, Any] = {}
+    for section in ("model", "data", "optim"):
+        for key, value in to_dict(getattr(cfg, section)).items():
+            if key not in ("kernels", "path"):
+                flat[f"{section}.{key}"] = value
+    flat.update(steps=cfg.steps, seed=cfg.seed, global_batch=global_batch)
+    return flat
+
+
+def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = True,
+    data: PreparedData | None = None,
+    progress: bool | None = None,
+    on_step: OnStep | None = None,
+) -> TrainResult:
+    """Train one model as ``cfg`` says; see the module docstring.
+
+    resume: continue from the latest checkpoint in ``cfg.out_dir`` (a finished run there is
+        returned as it is); with False, an out_dir that holds a run is refused.
+    data: an open :class:`relscale.data.PreparedData` of ``cfg.data.path`` to reuse.
+    progress: show the tqdm bar (None: ``cfg.progress``); only rank 0 shows it.
+    on_step: called as ``on_step(steps_done, model)`` after every optimizer step, on every rank.
+    """
+    started = time.perf_counter()
+    cfg.validate()
+    env = init_distributed(cfg.device)
+    try:
+        return _Run(cfg, env, started, resume, data, progress, on_step).run()
+    finally:
+        teardown(env)
+
+
+class _Run:
+    """The state of one run; run() is the whole of it."""
+
+    def __init__(
+        self, cfg: TrainConfig, env: DistEnv, started: float, resume: bool,
+        data: PreparedData | None, progress: bool | None, on_step: OnStep | None,
+    ):
+        self.cfg, self.env, self.started = cfg, env, started
+        self.resume, self.on_step = resume, on_step
+        self.out_dir = Path(cfg.out_dir).expanduser().resolve()
+        self.show_progress = (cfg.progress if progress is None else progress) and env.is_main
+        self.global_batch = cfg.micro_batch * cfg.grad_accum * env.world_size
+        self.tokens_per_step = self.global_batch * cfg.data.seq_len
+        self.fingerprint = fingerprint(cfg, self.global_batch)
+        self.counts = param_counts(cfg.model)
+        self.data = data
+        self._val_batches = None
+
+    # ----------------------------------------------------------------------------- set-up
+    def _finished_result(self) -> TrainResult | None:
+        path = self.out_dir / RESULT
+        if not path.is_file():
+            return None
+        stored = json.loads(path.read_text())
+        if not self.resume:
+            raise ConfigError(
+                f"out_dir: {self.out_dir} holds a finished run ({RESULT}); choose another out_dir"
+            )
+        if stored.get("fingerprint") != self.fingerprint:
+            raise ConfigError(
+                f"out_dir: {self.out_dir} holds a finished run of a different config; choose another out_dir"
+            )
+        result = TrainResult.from_dict(stored)
+        if result.status == "diverged":
+            raise TrainingDiverged(stored.get("diverged_step"), stored.get("diverged_loss"), " (earlier run)")
+        return result
+
+    def _open_data(self):
+        from relscale.data import PreparedData
+
+        data = self.data if self.data is not None else PreparedData(self.cfg.data.path)
+        if data.vocab_size != self.cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {self.cfg.model.vocab_size} differs from the vocabulary of the data "
+                f"in {data.data_dir} ({data.vocab_size}); set model.vocab_size = {data.vocab_size}"
+            )
+        return data
+
+    def _build_model(self) -> nn.Module:
+        from relscale.model import Transformer
+
+        cfg, env = self.cfg, self.env
+        torch.manual_seed(cfg.seed)  # every rank builds the same weights, as one process would
+        with torch.device(env.device):
+            model = Transformer(cfg.model)
+        if cfg.compile:
+            for block in model.blocks:
+                block.compile()  # in place: state-dict keys stay the same
+        if env.distributed:
+            shard_model(model, self.dtype if self.dtype != torch.float32 else None)
+        return model
+
+    # ------------------------------------------------------------------------------- run
+    def run(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        finished = self._finished_result()
+        if finished is not None:
+            return finished
+        latest = ckpt.latest_checkpoint(self.out_dir)
+        if latest is not None and not self.resume:
+            raise ConfigError(
+                f"out_dir: {self.out_dir} holds checkpoints of an earlier run; resume it (--resume) "
+                "or choose another out_dir"
+            )
+        self.data = self._open_data()
+        self.dtype = _compute_dtype(cfg, env.device)
+        # Without FSDP, bf16 compute on the GPU comes from autocast (weights stay fp32).
+        self.autocast = (
+            torch.autocast(env.device.type, dtype=self.dtype)
+            if not env.distributed and self.dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        model = self._build_model()
+        settings = resolve_settings(cfg.optim, self.global_batch)
+        optimizer = build_optimizer(model, settings, env.device.type)
+
+        from relscale.data import SequenceLoader
+
+        loader = SequenceLoader(
+            self.data, "train", cfg.data.seq_len, cfg.micro_batch, seed=cfg.seed, rank=env.rank,
+            world_size=env.world_size, grad_accum=cfg.grad_accum, doc_masking=cfg.data.doc_masking,
+            device=env.device,
+        )
+        start_step, prior_wall, last_loss = 0, 0.0, None
+        if latest is not None:
+            ckpt.check_compatible(latest, self.fingerprint)
+            state = ckpt.load_checkpoint(latest, model, optimizer, env)
+            start_step, prior_wall, last_loss = state["step"], state["wall_s"], state.get("train_loss")
+            loader.load_state_dict(state["loader"])
+        if env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        barrier(env)
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)
+
+        log = MetricsLog(self.out_dir / METRICS, env.is_main, start_step if latest is not None else None)
+        bar = progress_bar(cfg.steps, start_step, self.show_progress)
+        try:
+            return self._loop(model, optimizer, settings, loader, log, bar, start_step, prior_wall, last_loss)
+        finally:
+            log.close()
+            if bar is not None:
+                bar.close()
+
+    def _loop(self, model, optimizer, settings, loader, log, bar, start_step, prior_wall, last_loss):
+        cfg, env = self.cfg, self.env
+        flops_per_step = run_flops(cfg.model, cfg.data.seq_len, self.tokens_per_step).flops_train
+        peak = peak_flops(env.device)
+        time_to_first_step = None
+        val_loss = None
+        mark_time, mark_step = time.perf_counter(), start_step
+        for step in range(start_step, cfg.steps):
+            lr = lr_at(cfg.optim, step, cfg.steps)
+            set_lr(optimizer, lr)
+            loss = self._forward_backward(model, loader)
+            grad_norm = self._grad_norm(model, settings.grad_clip)
+            loss_value, norm_value = loss.item(), grad_norm.item()
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                self._diverged(step + 1, loss_value, norm_value, prior_wall)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            last_loss = loss_value
+            if time_to_first_step is None:
+                time_to_first_step = time.perf_counter() - self.started
+            if self.on_step is not None:
+                self.on_step(done, model)
+
+            if bar is not None:
+                bar.update(1)
+            if done % cfg.log_interval == 0 or done == cfg.steps:
+                now = time.perf_counter()
+                step_rate = (done - mark_step) / max(now - mark_time, 1e-9)
+                mark_time, mark_step = now, done
+                mfu = flops_per_step * step_rate / (peak * env.world_size) if peak else None
+                log.write({
+                    "step": done, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                    "tokens": done * self.tokens_per_step, "tokens_per_s": self.tokens_per_step * step_rate,
+                    "mfu": mfu, "peak_mem_mb": peak_memory_mb(env.device),
+                    "time_s": prior_wall + now - self.started,
+                })
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if done == cfg.steps or (cfg.eval_interval and done % cfg.eval_interval == 0):
+                val_loss = self._evaluate(model)
+                if val_loss is not None:
+                    log.write({"step": done, "val_loss": val_loss})
+                mark_time, mark_step = time.perf_counter(), done  # not training throughput
+            if done == cfg.steps or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0):
+                ckpt.save_checkpoint(
+                    self.out_dir, done, model, optimizer,
+                    {"step": done, "loader": loader.state_dict(), "train_loss": loss_value,
+                     "wall_s": prior_wall + time.perf_counter() - self.started},
+                    {"fingerprint": self.fingerprint}, env,
+                )
+                mark_time, mark_step = time.perf_counter(), done
+        if val_loss is None and start_step == cfg.steps:  # resumed from the final checkpoint
+            val_loss = self._evaluate(model)
+        model_dir = self._save_final(model)
+        return self._finish("done", cfg.steps, last_loss, val_loss, prior_wall, time_to_first_step, model_dir)
+
+    # -------------------------------------------------------------------------- one step
+    def _forward_backward(self, model: nn.Module, loader) -> torch.Tensor:
+        cfg, env = self.cfg, self.env
+        total = torch.zeros((), device=env.device)
+        for micro in range(cfg.grad_accum):
+            batch = loader.next_batch()
+            if env.distributed:  # reduce-scatter gradients once per step, not per micro-batch
+                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+            with self.autocast:
+                loss = model(
+                    batch.tokens, batch.targets, positions=batch.positions,
+                    cu_seqlens=batch.cu_seqlens if cfg.data.doc_masking else None,
+                    max_seqlen=batch.max_seqlen,
+                )
+            (loss / cfg.grad_accum).backward()
+            total += loss.detach().float()
+        # Every micro-batch has the same number of (valid) tokens: the global mean is the mean of
+        # the micro-batch means.
+        return all_reduce_sum(total / cfg.grad_accum, env) / env.world_size
+
+    @staticmethod
+    def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP: the norm over every shard
+            norm = norm.full_tensor()
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+        return norm
+
+    # ------------------------------------------------------------------------- validation
+    def _validation_batches(self) -> list:
+        if self._val_batches is None:
+            from relscale.data import validation_batches
+
+            cfg, data = self.cfg, self.data
+            has_val = "val" in data.splits and data.n_tokens("val") > cfg.data.seq_len
+            if not has_val or not cfg.eval_batches:
+                self._val_batches = []
+            else:
+                self._val_batches = list(validation_batches(
+                    data, cfg.data.seq_len, cfg.micro_batch, cfg.eval_batches,
+                    doc_masking=cfg.data.doc_masking, device=self.env.device,
+                ))
+        return self._val_batches
+
+    @torch.no_grad()
+    def _evaluate(self, model: nn.Module) -> float | None:
+        """Token-weighted mean loss over the first eval_batches validation batches. Ranks take
+        every world_size-th batch; a rank without one in the last round runs a zero-weight
+        forward, since FSDP needs every rank in every forward."""
+        batches = self._validation_batches()
+        if not batches:
+            return None
+        env = self.env
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, tokens
+        rounds = -(-len(batches) // env.world_size)
+        for round_index in range(rounds):
+            index = round_index * env.world_size + env.rank
+            batch = batches[index] if index < len(batches) else batches[0]
+            with self.autocast:
+                loss_sum = model(
+                    batch.tokens, batch.targets, positions=batch.positions,
+                    cu_seqlens=batch.cu_seqlens if self.cfg.data.doc_masking else None,
+                    max_seqlen=batch.max_seqlen, reduction="sum",
+                )
+            if index < len(batches):
+                totals[0] += loss_sum.double()
+                totals[1] += (batch.targets != -100).sum()
+        model.train()
+        all_reduce_sum(totals, env)
+        return float(totals[0] / totals[1])
+
+    # ---------------------------------------------------------------------------- outputs
+    def _meta(self) -> dict[str, Any]:
+        cfg = self.cfg
+        tokens = cfg.steps * self.tokens_per_step
+        flops = run_flops(cfg.model, cfg.data.seq_len, tokens)
+        return {
+            "tokens": tokens, "flops_train": flops.flops_train, "flops_marin": flops.flops_marin,
+            "seq_len": cfg.data.seq_len, "data_path": str(Path(self.data.data_dir).resolve()),
+            "params": self.counts.total, "non_embedding_params": self.counts.non_embedding,
+            "steps": cfg.steps, "global_batch": self.global_batch, "train_config": to_dict(cfg),
+        }
+
+    def _save_final(self, model: nn.Module) -> Path:
+        from relscale.model_io import save_model
+
+        target = self.out_dir / FINAL
+        if not self.env.distributed:
+            if self.env.is_main:
+                save_model(model, target, self._meta())
+            return target
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from relscale.model import Transformer
+
+        # Collective: every rank takes part, rank 0 receives the full fp32 weights on the CPU.
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.env.is_main:
+            with torch.device("meta"):
+                plain = Transformer(self.cfg.model)
+            missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+            allowed = {"output.weight"} if self.cfg.model.tie_embeddings else set()
+            if set(missing) - allowed or unexpected:
+                raise RuntimeError(f"gathered weights do not match the model: {missing}, {unexpected}")
+            save_model(plain, target, self._meta())
+        barrier(self.env)
+        return target
+
+    def _finish(
+        self, status, steps, train_loss, val_loss, prior_wall, time_to_first_step, model_dir, extra=None
+    ) -> TrainResult:
+        cfg = self.cfg
+        tokens = steps * self.tokens_per_step
+        flops = run_flops(cfg.model, cfg.data.seq_len, tokens)
+        result = TrainResult(
+            status=status, final_train_loss=finite_or_none(train_loss),
+            final_val_loss=finite_or_none(val_loss),
+            steps=steps, tokens=tokens, flops_train=flops.flops_train, flops_marin=flops.flops_marin,
+            wall_s=prior_wall + time.perf_counter() - self.started, time_to_first_step_s=time_to_first_step,
+            params=self.counts.total, non_embedding_params=self.counts.non_embedding,
+            model_dir=str(model_dir) if model_dir is not None else None,
+        )
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            payload = {**asdict(result), **(extra or {}), "fingerprint": self.fingerprint}
+            _atomic_json(self.out_dir / RESULT, payload)
+        barrier(self.env)
+        return result
+
+    def _diverged(self, step: int, loss: float, grad_norm: float, prior_wall: float) -> None:
+        extra = {"diverged_step": step, "diverged_loss": repr(loss), "diverged_grad_norm": repr(grad_norm)}
+        # The steps that updated the weights: the diverging one did not.
+        self._finish("diverged", step - 1, None, None, prior_wall, None, None, extra)
+        detail = "" if not math.isfinite(loss) else f" (gradient norm {grad_norm})"
+        raise TrainingDiverged(step, loss, detail)

@@ -1,0 +1,257 @@
+"""End-to-end trainer runs on the default corpus (see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from relscale.config import load_train_config
+from relscale.counting import param_counts, run_flops
+from relscale.errors import ConfigError, DataError
+from relscale.train import TrainingDiverged, train
+from relscale.train.checkpoint import latest_checkpoint
+from relscale.train.metrics import read_metrics
+from tests.train.conftest import REPO, small_config, small_overrides
+
+
+def _losses(out_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if "loss" in r}
+
+
+def _run(args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=240, **kwargs
+    )
+
+
+@pytest.mark.slow
+def test_tiny_config_learns_far_below_the_unigram_entropy(sotu, tmp_path):
+    from relscale.data import PreparedData, validation_batches
+    from relscale.model_io import load_model
+
+    # configs/tiny.toml as the README runs it.
+    overrides = [f"data.path={str(sotu)!r}", f"out_dir={str(tmp_path)!r}", "progress=false"]
+    cfg = load_train_config(REPO / "configs/tiny.toml", overrides)
+    result = train(cfg)
+    data = PreparedData(sotu)
+    unigram = data.unigram_entropy("val")  # the loss of the best model that ignores context
+    assert result.status == "done" and result.steps == 200
+    # 200 steps of 1024 tokens reach 0.80 x the unigram entropy (5.26 vs 6.59 nats here), more
+    # than a nat below it; a model that ignores context cannot go below 1.0 x.
+    assert result.final_val_loss < 0.82 * unigram, (result.final_val_loss, unigram)
+
+    tokens = 200 * cfg.micro_batch * cfg.data.seq_len
+    flops = run_flops(cfg.model, cfg.data.seq_len, tokens)
+    stored = json.loads((tmp_path / "result.json").read_text())
+    assert stored["status"] == "done" and stored["tokens"] == result.tokens == tokens
+    assert stored["flops_train"] == flops.flops_train and stored["flops_marin"] == flops.flops_marin
+    assert stored["params"] == param_counts(cfg.model).total
+    assert 0 < stored["time_to_first_step_s"] < stored["wall_s"]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == list(range(10, 201, 10))
+    assert [r["step"] for r in records if "val_loss" in r] == [50, 100, 150, 200]
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_mb"} <= set(records[0])
+
+    # The saved model reproduces the final validation loss on the same batches.
+    model, meta = load_model(tmp_path / "final")
+    assert meta["tokens"] == tokens and meta["steps"] == 200 and meta["global_batch"] == cfg.micro_batch
+    assert meta["train_config"]["model"]["hidden"] == 64 and meta["data_path"] == str(sotu)
+    total = count = 0.0
+    with torch.no_grad():
+        for b in validation_batches(data, cfg.data.seq_len, cfg.micro_batch, cfg.eval_batches):
+            total += model(b.tokens, b.targets, positions=b.positions, cu_seqlens=b.cu_seqlens,
+                           max_seqlen=b.max_seqlen, reduction="sum").item()
+            count += b.targets.numel()
+    assert total / count == pytest.approx(result.final_val_loss, rel=1e-5)
+
+    # A finished run is returned as it is, never overwritten.
+    again = train(cfg)
+    assert again.wall_s == result.wall_s
+    with pytest.raises(ConfigError, match="finished run"):
+        train(cfg, resume=False)
+
+
+def test_stop_and_resume_repeats_the_uninterrupted_losses(sotu, tmp_path):
+    whole = small_config(sotu, tmp_path / "whole", "ckpt_interval=10", "eval_interval=10")
+    reference = train(whole)
+
+    broken = small_config(sotu, tmp_path / "broken", "ckpt_interval=10", "eval_interval=10")
+
+    def crash(step, model):
+        if step == 13:  # after the checkpoint of step 10
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(broken, on_step=crash)
+    assert latest_checkpoint(tmp_path / "broken").name == "step_0000010"
+    assert not (tmp_path / "broken" / "result.json").exists()
+
+    with pytest.raises(ConfigError, match="optim.lr"):
+        train(small_config(sotu, tmp_path / "broken", "ckpt_interval=10", "optim.lr=1e-3"))
+    with pytest.raises(ConfigError, match="resume"):
+        train(broken, resume=False)
+
+    resumed = train(broken)
+    assert _losses(tmp_path / "broken") == _losses(tmp_path / "whole")  # exactly, steps 1..20
+    assert len(_losses(tmp_path / "whole")) == 20
+    assert resumed.final_val_loss == reference.final_val_loss
+    assert resumed.final_train_loss == reference.final_train_loss
+    for name, value in load_file(tmp_path / "whole/final/model.safetensors").items():
+        assert torch.equal(value, load_file(tmp_path / "broken/final/model.safetensors")[name])
+    assert sorted(p.name for p in (tmp_path / "broken/checkpoints").iterdir()) == ["step_0000020"]
+
+
+@pytest.mark.slow
+def test_two_processes_with_fsdp_match_one_process(sotu, tmp_path):
+    common = ["steps=8", "eval_batches=3", "ckpt_interval=4"]
+    train(small_config(sotu, tmp_path / "one", "grad_accum=2", *common))
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    launched = _run([
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "relscale.train",
+        str(empty), *small_overrides(sotu, tmp_path / "two", "grad_accum=1", *common),
+    ])
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 9))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=2e-5), step
+    results = [json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two")]
+    assert results[1]["final_val_loss"] == pytest.approx(results[0]["final_val_loss"], rel=2e-5)
+    assert results[1]["tokens"] == results[0]["tokens"] == 8 * 8 * 32
+    # The full state dict gathered from the shards is the single-process model.
+    weights = [load_file(tmp_path / d / "final/model.safetensors") for d in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-5)
+    assert latest_checkpoint(tmp_path / "two").name == "step_0000008"
+
+
+@pytest.mark.slow
+def test_single_process_checkpoint_resumes_on_two_processes(sotu, tmp_path):
+    # DCP reshards the plain model's checkpoint onto FSDP; the loader continues with the new layout.
+    common = ["steps=8", "eval_batches=3", "ckpt_interval=4"]
+    reference = small_config(sotu, tmp_path / "one", "grad_accum=2", *common)
+    train(reference)
+
+    def crash(step, model):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(sotu, tmp_path / "mixed", "grad_accum=2", *common), on_step=crash)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    launched = _run([
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "relscale.train",
+        str(empty), *small_overrides(sotu, tmp_path / "mixed", "grad_accum=1", *common), "--resume",
+    ])
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one, mixed = _losses(tmp_path / "one"), _losses(tmp_path / "mixed")
+    assert sorted(mixed) == list(range(1, 9))
+    for step in one:
+        assert mixed[step] == pytest.approx(one[step], rel=2e-5), step
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_compiled_blocks_match_eager(sotu, tmp_path):
+    eager = train(small_config(sotu, tmp_path / "eager", "steps=4"))
+    compiled = train(small_config(sotu, tmp_path / "compiled", "steps=4", "compile=true"))
+    for step, loss in _losses(tmp_path / "eager").items():
+        assert _losses(tmp_path / "compiled")[step] == pytest.approx(loss, rel=1e-4)
+    assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, rel=1e-4)
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(sotu, tmp_path):
+    cfg = small_config(sotu, tmp_path, "ckpt_interval=2", "steps=10")
+
+    def poison(step, model):
+        if step == 3:
+            with torch.no_grad():
+                model.blocks[0].mlp.w_up.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match="step 4") as info:
+        train(cfg, on_step=poison)
+    assert info.value.step == 4
+    stored = json.loads((tmp_path / "result.json").read_text())
+    assert stored["status"] == "diverged" and stored["steps"] == 3 and stored["final_train_loss"] is None
+    assert stored["diverged_step"] == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002"]
+    assert max(_losses(tmp_path)) == 3  # nothing logged for the diverged step
+    with pytest.raises(TrainingDiverged):  # the stored outcome stands
+        train(cfg)
+
+
+def test_config_and_data_errors_name_the_problem(sotu, tmp_path):
+    with pytest.raises(ConfigError, match="model.hiden: unknown key"):
+        small_config(sotu, tmp_path, "model.hiden=64")
+    with pytest.raises(ConfigError, match="steps: expected int"):
+        small_config(sotu, tmp_path, "steps='ten'")
+    with pytest.raises(ConfigError, match="model.heads.*hidden=30 is not divisible by heads=4"):
+        small_config(sotu, tmp_path, "model.hidden=30", "model.heads=4")
+    with pytest.raises(ConfigError, match="model.vocab_size: 512 differs .* 4096"):
+        train(small_config(sotu, tmp_path, "model.vocab_size=512"))
+    missing = tmp_path / "no_such_data"
+    with pytest.raises(DataError, match=str(missing)):
+        train(small_config(missing, tmp_path / "run"))
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_errors_exit_2_with_the_message(tmp_path):
+    bad_key = _run(["-m", "relscale", "train", str(REPO / "configs/tiny.toml"), "optim.learning_rate=1"])
+    assert bad_key.returncode == 2
+    assert "optim.learning_rate: unknown key" in bad_key.stderr and "Traceback" not in bad_key.stderr
+    missing = tmp_path / "missing_data"
+    bad_data = _run([
+        "-m", "relscale.train", str(REPO / "configs/tiny.toml"), f"data.path={str(missing)!r}",
+        f"out_dir={str(tmp_path / 'run')!r}",
+    ])
+    assert bad_data.returncode == 2
+    assert str(missing) in bad_data.stderr and "Traceback" not in bad_data.stderr
+
+
+def test_shipped_configs_are_valid():
+    from relscale.data.prepare import DEFAULT_VOCAB_SIZE
+
+    tiny = load_train_config(REPO / "configs/tiny.toml")
+    assert tiny.model.vocab_size == DEFAULT_VOCAB_SIZE and tiny.data.path == "relscale_data/sotu"
+    gpu = load_train_config(REPO / "configs/small-gpu.toml")
+    assert gpu.dtype == "bf16" and gpu.device == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_training_on_gpu(sotu, tmp_path):
+    cfg = small_config(sotu, tmp_path, "device='cuda'", "dtype='bf16'", "steps=30", "optim.lr=1e-2")
+    result = train(cfg)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert result.final_train_loss < records[0]["loss"] - 0.5
+    assert records[-1]["peak_mem_mb"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fsdp_bf16_on_one_gpu_matches_autocast(sotu, tmp_path):
+    # torchrun with one process: a process group, FSDP2 and bf16 parameters (fp32 master weights)
+    # against the plain module under autocast: both bf16 compute, so close, not equal.
+    common = ["device='cuda'", "dtype='bf16'", "steps=10", "optim.lr=1e-2"]
+    train(small_config(sotu, tmp_path / "plain", *common))
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    launched = _run([
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "relscale.train",
+        str(empty), *small_overrides(sotu, tmp_path / "fsdp", *common),
+    ])
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    plain, fsdp = _losses(tmp_path / "plain"), _losses(tmp_path / "fsdp")
+    for step in plain:
+        assert fsdp[step] == pytest.approx(plain[step], rel=2e-2), step
