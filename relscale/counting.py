@@ -10,8 +10,9 @@ FLOP conventions (per token; a run's FLOPs are per-token FLOPs times training to
 ---------------------------------------------------------------------------------------
 ``flops_train`` -- training FLOPs, the "6N" convention with a causal-attention term:
     ``6 * N_matmul + 6 * L * s * h * d_head``
-    where ``N_matmul = non_embedding + V*d`` is every weight that takes part in a matrix product
-    (the input embedding is a lookup; the output head is a product), the factor 6 is forward (2)
+    where ``N_matmul = non_embedding + V*d`` counts the weights of the matrix products (the input
+    embedding is a lookup; the output head is a product; the norm gains inside ``non_embedding``
+    are counted too, a difference of ~1e-4 relative), the factor 6 is forward (2)
     plus backward (4), and the attention term counts ``Q K^T`` and ``A V`` (``2 * 2*s*d_head`` per
     head and token in the forward), halved because the mask is causal, times 3 for the backward.
 

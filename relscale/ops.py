@@ -22,7 +22,6 @@ is for tests, so ``auto`` never picks them for CPU tensors.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -39,9 +38,20 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
 }
 
 
-@functools.cache
+_RESOLVED: dict[tuple[str, str, str], str] = {}
+
+
 def resolve(op: str, requested: str, device_type: str) -> str:
-    """The backend that runs ``op`` for tensors on ``device_type`` given the configured choice."""
+    """The backend that runs ``op`` for tensors on ``device_type`` given the configured choice.
+
+    Memoised in a plain dict (not functools.lru_cache, which torch.compile cannot trace into)."""
+    key = (op, requested, device_type)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve(op, requested, device_type)
+    return _RESOLVED[key]
+
+
+def _resolve(op: str, requested: str, device_type: str) -> str:
     if op not in SUPPORTED:
         raise ConfigError(f"unknown op {op!r} (known: {', '.join(SUPPORTED)})")
     if requested == "auto":
