@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RelscaleError as err:
         print(f"relscale {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and friends: not an error
+        sys.stdout = open(os.devnull, "w")  # keeps the interpreter's final flush quiet
+        return 0
     except KeyboardInterrupt:
         print(f"relscale {args.command}: interrupted; finished work is kept", file=sys.stderr)
         return 130
