@@ -13,14 +13,13 @@ FLOPs in both conventions, sequence length, the prepared-data directory (for the
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from relscale.atomic import atomic_write, atomic_write_text
 from relscale.config import ModelConfig, model_config_from_dict, to_dict
 from relscale.errors import DataError
 from relscale.model import Transformer
@@ -30,17 +29,6 @@ CONFIG = "config.json"
 FORMAT = "relscale-model"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_model(model: Transformer, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s full (unsharded) weights and config to ``out_dir`` atomically."""
     out = Path(out_dir)
@@ -48,9 +36,9 @@ def save_model(model: Transformer, out_dir: str | Path, meta: dict[str, Any] | N
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state.pop("output.weight", None)  # the same storage as embed.weight
-    _atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp))
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp))
     config = {"format": FORMAT, "model": to_dict(model.cfg), "meta": meta or {}}
-    _atomic_write(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write_text(out / CONFIG, json.dumps(config, indent=2))
     return out
 
 

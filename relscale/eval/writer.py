@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,29 +80,8 @@ def schema(kind: str) -> pa.Schema:
 
 
 # ------------------------------------------------------------------------------- atomic writing
-def atomic_write_with(path: Path, write: Callable[[str], Any], *, overwrite: bool = True) -> bool:
-    """``write(tmp)`` into a temporary file next to ``path``, then move it into place. With
-    ``overwrite=False`` an existing ``path`` is kept and False returned."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        if overwrite:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)  # fails if path exists: a finished file is never replaced
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_with(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+from relscale.atomic import atomic_write as atomic_write_with  # noqa: E402 -- the shared helper
+from relscale.atomic import atomic_write_text  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------- dumps

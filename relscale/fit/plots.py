@@ -5,11 +5,11 @@ Each function returns a matplotlib Figure; save_figure writes it as PNG and PDF 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from relscale.atomic import atomic_write
 
 from .isoflop import IsoFlopResult
 from .laws import CONVERGING, DIVERGING, ErrorMatrix, GroupLaws, RelativeLaws
@@ -29,14 +29,7 @@ def save_figure(fig, path_stem: str | Path, formats: tuple[str, ...] = ("png", "
     written = []
     for fmt in formats:
         target = stem.with_suffix(f".{fmt}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=fmt, dpi=150)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=150))
         written.append(target)
     return written
 

@@ -7,8 +7,6 @@ interval, verdict) with the FLOP convention spelled out.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from relscale.atomic import atomic_write_text
 from relscale.errors import DataError
 
 from .io import FLOP_NOTE, FitData, from_table, load
@@ -53,21 +52,14 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
     return "\n".join([header, rule, *rows])
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _write_text(path: Path, text: str) -> Path:
+    atomic_write_text(path, text)
     return path
 
 
 def _write_table(frame: pd.DataFrame, out_dir: Path, stem: str, footnote: str) -> list[Path]:
-    csv = atomic_write_text(out_dir / f"{stem}.csv", frame.to_csv(index=False))
-    md = atomic_write_text(out_dir / f"{stem}.md", markdown_table(frame) + f"\n\n{footnote}\n")
+    csv = _write_text(out_dir / f"{stem}.csv", frame.to_csv(index=False))
+    md = _write_text(out_dir / f"{stem}.md", markdown_table(frame) + f"\n\n{footnote}\n")
     return [csv, md]
 
 
@@ -307,7 +299,7 @@ def run_fit(
         files = _write_outputs(report, em, out, plots)
     summary = format_summary(report)
     if out is not None:
-        files.append(atomic_write_text(out / "summary.txt", summary + "\n"))
+        files.append(_write_text(out / "summary.txt", summary + "\n"))
     report = replace(report, files=tuple(files), summary=summary)
     if echo is not None:
         echo(summary)

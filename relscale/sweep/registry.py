@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relscale.atomic import atomic_write_text
 from relscale.config import merge, train_config_from_dict
 from relscale.errors import ConfigError, RelscaleError
 
@@ -51,17 +52,8 @@ DEFAULT_LEASE_TIMEOUT_S = 120.0
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (readers see the old or the new file, never half)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(Path(tmp))
-        raise
+    """Replace ``path`` with ``text`` atomically, flushed to disk first (other hosts read it)."""
+    atomic_write_text(path, text, fsync=True)
 
 
 def create_exclusive(path: Path, text: str) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from relscale.atomic import atomic_write
 from relscale.sweep.registry import TERMINAL, Sweep, _unlink, create_exclusive
 
 INDEX_FILE = "results.parquet"
@@ -143,9 +144,7 @@ def update_index(sweep: Sweep, *, rebuild: bool = False, max_rounds: int = 10) -
             keep = [i for i, rid in enumerate(ids) if rid not in replaced]
             merged = pa.concat_tables([table.take(pa.array(keep, type=pa.int64())), _table(rows)])
             merged = merged.sort_by([(key, "ascending") for key in ("dataset", "budget", "hidden")])
-            tmp = sweep.root / f".{INDEX_FILE}.{os.getpid()}.tmp"
-            pq.write_table(merged, tmp)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp, table=merged: pq.write_table(table, tmp))
         return merged.num_rows
     finally:
         _unlink(lock)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from relscale.atomic import atomic_write_text
 from relscale.config import TrainConfig, to_dict
 from relscale.counting import param_counts, run_flops
 from relscale.errors import ConfigError, RelscaleError
@@ -86,12 +86,6 @@ def fingerprint(cfg: TrainConfig, global_batch: int) -> dict[str, Any]:
                 flat[f"{section}.{key}"] = value
     flat.update(steps=cfg.steps, seed=cfg.seed, global_batch=global_batch)
     return flat
-
-
-def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 def _compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -424,7 +418,7 @@ class _Run:
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             payload = {**asdict(result), **(extra or {}), "fingerprint": self.fingerprint}
-            _atomic_json(self.out_dir / RESULT, payload)
+            atomic_write_text(self.out_dir / RESULT, json.dumps(payload, indent=2))
         barrier(self.env)
         return result
 
