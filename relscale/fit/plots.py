@@ -90,7 +90,8 @@ def plot_isoflop(result: IsoFlopResult, points=None):
     ax_f.set_yscale("log")
     ax_f.set_xlabel(f"budget C ({result.budget_convention})")
     ax_f.set_title("compute-optimal frontier")
-    ax_f.legend(fontsize=7)
+    if ax_f.get_legend_handles_labels()[0]:  # no frontier line when every parabola opens down
+        ax_f.legend(fontsize=7)
     return fig
 
 
