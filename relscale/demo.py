@@ -74,6 +74,17 @@ def _device(device: str) -> str:
     return device
 
 
+def cpu_shapes(cfg):
+    """The tiny rule on narrower models (widths 16..64, head dim 8): at the budgets a CPU trains
+    in minutes, widths 32..128 put the loss-optimal width at or below the narrow edge (measured:
+    every IsoFLOP parabola opened downward), while 16..64 brackets it at the largest budget."""
+    from relscale.sweep.spec import WidthRule
+
+    cfg.width = WidthRule(min=16, max=64, step=16)
+    cfg.head_dim = 8
+    return cfg
+
+
 def sweep_config(data_dir: Path, device: str, minutes: float, budgets: list[float] | None):
     """The demo's sweep: the hardware-sized preset (tiny rule on CPU, larger on GPU) on our data."""
     from relscale.data import PreparedData
@@ -81,16 +92,17 @@ def sweep_config(data_dir: Path, device: str, minutes: float, budgets: list[floa
 
     data = PreparedData(data_dir)
     vocab, tokens = data.vocab_size, data.n_tokens("train")
+    shape = presets.gpu_small() if device == "cuda" else cpu_shapes(presets.tiny())
+    shape.datasets[0].path = str(data_dir)
     if budgets:
-        cfg = presets.gpu_small() if device == "cuda" else presets.tiny()
+        cfg = shape
         cfg.budgets = sorted(float(b) for b in budgets)
         cfg.name = f"{cfg.name}-demo"
     else:
-        base = presets.gpu_small() if device == "cuda" else presets.tiny()
-        base.datasets[0].path = str(data_dir)
-        rate = presets._measured_rate(base, device, vocab)
+        rate = presets._measured_rate(shape, device, vocab)
         cfg = presets.preset_for_hardware(
-            device, minutes * SWEEP_SHARE, train_flops_per_s=rate, vocab_size=vocab, train_tokens=tokens
+            device, minutes * SWEEP_SHARE, train_flops_per_s=rate, vocab_size=vocab, train_tokens=tokens,
+            shape=shape,
         )
     cfg.datasets[0].path = str(data_dir)
     cfg.train.device = device

@@ -268,7 +268,7 @@ def _train_tokens(cfg: SweepConfig) -> int | None:
 def preset_for_hardware(device: str, minutes: float, *, train_flops_per_s: float | None = None,
                         fixed_s: float | None = None, vocab_size: int | None = None, n_budgets: int = 3,
                         budget_ratio: float = 3.0, train_tokens: int | None = None,
-                        max_epochs: float = 4.0) -> SweepConfig:
+                        max_epochs: float = 4.0, shape: SweepConfig | None = None) -> SweepConfig:
     """A tiny-like sweep whose whole run takes about ``minutes`` on ``device`` ("cpu" or "cuda").
 
     The shape rule is ``tiny`` on the CPU and ``gpu_small`` on a GPU; the budgets are a
@@ -279,12 +279,13 @@ def preset_for_hardware(device: str, minutes: float, *, train_flops_per_s: float
     No run may see more than ``max_epochs`` passes over the data (``train_tokens``: the
     training split's size, read from the prepared default data when not given), since repeated
     data would bend the IsoFLOP curves; on a fast device that, not the time, may bound the budgets.
+    ``shape`` replaces the preset that gives the shape rule (its budgets are replaced).
     """
     if minutes <= 0:
         raise ConfigError(f"minutes: {minutes} must be positive")
     on_gpu = device.startswith("cuda")
     device = "cuda" if on_gpu else "cpu"
-    cfg = gpu_small() if on_gpu else tiny()
+    cfg = shape if shape is not None else (gpu_small() if on_gpu else tiny())
     if vocab_size is None:
         vocab_size = _vocab_size(cfg) or 4096
     rate = train_flops_per_s if train_flops_per_s is not None else _measured_rate(cfg, device, vocab_size)
