@@ -154,10 +154,9 @@ def plot_relative_trajectories(rel: RelativeLaws, em: ErrorMatrix, max_panels: i
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.axvline(rel.flop_range[1], color="gray", lw=0.5, ls=":")
         ax.set_xscale("log")
-        ax.set_yscale("log")
-        for axis in (ax.yaxis,):  # ratios span less than a decade: plain numbers, not 9x10^-1
-            axis.set_major_formatter(mpl.ticker.FormatStrFormatter("%.3g"))
-            axis.set_minor_formatter(mpl.ticker.FormatStrFormatter("%.3g"))
+        # Ratios span a few percent: a linear axis with plain numbers reads better than a log axis
+        # with no major tick in range (a power law in F is a straight line only in log-log anyway).
+        ax.yaxis.set_major_formatter(mpl.ticker.ScalarFormatter(useOffset=False))
         lo, hi_ = rel.delta_beta_ci[g]
         ax.set_title(
             f"{rel.groups[g]}\ndb={rel.delta_beta[g]:.3f} [{lo:.3f}, {hi_:.3f}] {rel.verdict[g]}", fontsize=7
