@@ -114,9 +114,32 @@ def train(
     cfg.validate()
     env = init_distributed(cfg.device)
     try:
+        on_step = _with_dumps(cfg, env.world_size, on_step)
         return _Run(cfg, env, started, resume, data, progress, on_step).run()
     finally:
         teardown(env)
+
+
+def _with_dumps(cfg: TrainConfig, world_size: int, on_step: OnStep | None) -> OnStep | None:
+    """``on_step`` plus, when ``cfg.dump_steps`` is set, per-example dumps of ``cfg.dump_eval``
+    at those steps into ``out_dir/evals`` (the eval room's hook; it is imported only then)."""
+    if not cfg.dump_steps:
+        return on_step
+    from relscale.eval import make_dump_hook
+
+    dump = make_dump_hook(
+        cfg.dump_eval, Path(cfg.out_dir) / "evals", cfg.dump_steps, data_path=cfg.data.path,
+        run_id=Path(cfg.out_dir).name, seq_len=cfg.data.seq_len,
+        tokens_per_step=cfg.micro_batch * cfg.grad_accum * world_size * cfg.data.seq_len,
+    )
+    if on_step is None:
+        return dump
+
+    def both(step: int, model: nn.Module) -> None:
+        dump(step, model)
+        on_step(step, model)
+
+    return both
 
 
 class _Run:
