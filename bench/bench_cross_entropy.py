@@ -23,7 +23,6 @@ vocabularies and 8192 tokens.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import bandwidth_record, copy_bandwidth_gbps, flops_record, time_fn, write_results  # noqa: E402
+from harness import bandwidth_record, copy_bandwidth_gbps, flops_record, run_from_command_line, time_fn  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run on the CPU only through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -194,14 +193,7 @@ def run(profile: str, device: str) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="ci")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    records = run(args.profile, args.device)
-    path = write_results(NAME, records, meta={"profile": args.profile, "device": args.device})
+    records, path = run_from_command_line(NAME, run, __doc__, PROFILES)
     for r in records:
         if "skipped" in r:
             print(f"{r['op']} {r['impl']}: skipped ({r['skipped']})")

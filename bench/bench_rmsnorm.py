@@ -14,7 +14,6 @@ runs; torch.compile uses the cheap aot_eager backend there), ``full`` is 16384 t
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import bandwidth_record, copy_bandwidth_gbps, time_fn, write_results  # noqa: E402
+from harness import bandwidth_record, copy_bandwidth_gbps, run_from_command_line, time_fn  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run on the CPU only through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -120,14 +119,7 @@ def run(profile: str, device: str) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="ci")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    records = run(args.profile, args.device)
-    path = write_results(NAME, records, meta={"profile": args.profile, "device": args.device})
+    records, path = run_from_command_line(NAME, run, __doc__, PROFILES)
     for r in records:
         if "skipped" in r:
             print(f"{r['impl']}: skipped ({r['skipped']})")

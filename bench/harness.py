@@ -7,6 +7,7 @@ Results are JSON files under bench/results/, one per script run, never overwritt
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -207,3 +208,15 @@ if __name__ == "__main__":  # quick look at this machine's limits
     dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
     print(json.dumps(provenance(dev), indent=2))
     print(f"copy bandwidth: {copy_bandwidth_gbps(dev, 1 << 26 if dev == 'cpu' else 1 << 30):.1f} GB/s")
+
+
+def run_from_command_line(name: str, run: Callable[[str, str], list[dict]], doc: str | None,
+                          profiles: object) -> tuple[list[dict], Path]:
+    """The ``__main__`` of a kernel benchmark script: ``--profile`` (default ``ci``) and
+    ``--device`` (default: CUDA when present), then ``run`` and :func:`write_results`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(profiles), default="ci")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    records = run(args.profile, args.device)
+    return records, write_results(name, records, meta={"profile": args.profile, "device": args.device})
