@@ -40,6 +40,45 @@ class KernelConfig:
     cross_entropy: str = _choice("auto", BACKENDS)
 
 
+ROPE_SCALING_TYPES = ("none", "llama3")
+"""RoPE frequency scalings relscale implements (``none``: plain RoPE, Su et al. 2021)."""
+
+
+@dataclass
+class RopeScalingConfig:
+    """How the rotary frequencies are rescaled for long context (Hugging Face ``rope_scaling``).
+
+    ``type = "llama3"`` is Llama 3.1's piecewise rule (Meta, "The Llama 3 Herd of Models", 2024):
+    frequencies whose wavelength exceeds ``original_max_position_embeddings / low_freq_factor``
+    are divided by ``factor``, those below ``original_max_position_embeddings /
+    high_freq_factor`` are kept, and the band in between is interpolated smoothly. The formula
+    lives in one place, :func:`relscale.ops.rope_inv_freq`. Further types (``linear``, ``yarn``)
+    add a name to :data:`ROPE_SCALING_TYPES` and, where needed, their own fields here.
+    """
+
+    type: str = _choice("none", ROPE_SCALING_TYPES)
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def validate(self, where: str = "model.rope_scaling") -> None:
+        if self.type == "none":
+            return
+        _require(self.factor >= 1, f"{where}.factor", f"must be >= 1, got {self.factor}")
+        _require(self.low_freq_factor > 0, f"{where}.low_freq_factor", "must be positive")
+        _require(
+            self.high_freq_factor > self.low_freq_factor,
+            f"{where}.high_freq_factor",
+            f"must exceed low_freq_factor={self.low_freq_factor}, got {self.high_freq_factor}",
+        )
+        _require(
+            self.original_max_position_embeddings > 0,
+            f"{where}.original_max_position_embeddings",
+            "must be positive",
+        )
+
+
 @dataclass
 class ModelConfig:
     """A Qwen3/Llama-style pre-norm decoder. ``None`` sizes are derived (see the properties)."""
@@ -53,6 +92,7 @@ class ModelConfig:
     mlp_hidden: int | None = None  # None: 4 * hidden (the SwiGLU inner size)
     max_seq_len: int = 4096
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-6
     qk_norm: bool = True
     tie_embeddings: bool = False
@@ -92,6 +132,7 @@ class ModelConfig:
             f"heads={self.heads} is not a multiple of kv_heads={self.n_kv_heads}",
         )
         _require(self.rope_theta > 0, f"{where}.rope_theta", "must be positive")
+        self.rope_scaling.validate(f"{where}.rope_scaling")
         _require(self.norm_eps > 0, f"{where}.norm_eps", "must be positive")
         _require(self.init_std > 0, f"{where}.init_std", "must be positive")
         _require(self.z_loss >= 0, f"{where}.z_loss", "must be >= 0")

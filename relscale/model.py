@@ -32,7 +32,6 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.n_kv_heads, cfg.d_head
-        self.rope_theta = cfg.rope_theta
         self.kernels: KernelConfig = cfg.kernels
         self.wq = nn.Linear(cfg.hidden, self.heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.hidden, self.kv_heads * self.head_dim, bias=False)
@@ -50,6 +49,7 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         cu_seqlens: torch.Tensor | None,
         max_seqlen: int | None,
+        inv_freq: torch.Tensor,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.heads, self.head_dim)
@@ -57,7 +57,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ops.apply_rope(q, k, positions, self.rope_theta, backend=self.kernels.rope)
+        q, k = ops.apply_rope(q, k, positions, inv_freq, backend=self.kernels.rope)
         out = ops.attention(
             q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.kernels.attention
         )
@@ -90,8 +90,9 @@ class Block(nn.Module):
         positions: torch.Tensor,
         cu_seqlens: torch.Tensor | None,
         max_seqlen: int | None,
+        inv_freq: torch.Tensor,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, cu_seqlens, max_seqlen)
+        x = x + self.attn(self.attn_norm(x), positions, cu_seqlens, max_seqlen, inv_freq)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -106,6 +107,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.embed.weight
+        # The RoPE frequency table per device: derived from the config, so it is neither a parameter
+        # nor a buffer (a buffer would be cast by model.to(bf16) and left empty by to_empty()).
+        self._rope_tables: dict[torch.device, torch.Tensor] = {}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -121,6 +125,15 @@ class Transformer(nn.Module):
             else:
                 param.normal_(0.0, std)
 
+    def rope_inv_freq(self, device: torch.device) -> torch.Tensor:
+        """The (d_head // 2,) float64 RoPE frequency table on ``device`` (see ops.rope_inv_freq)."""
+        table = self._rope_tables.get(device)
+        if table is None:
+            cfg = self.cfg
+            table = ops.rope_inv_freq(cfg.d_head, cfg.rope_theta, cfg.rope_scaling, device=device)
+            self._rope_tables[device] = table
+        return table
+
     def param_counts(self) -> ParamCounts:
         return param_counts(self.cfg)
 
@@ -135,8 +148,9 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embed(tokens)
+        inv_freq = self.rope_inv_freq(tokens.device)
         for block in self.blocks:
-            x = block(x, positions, cu_seqlens, max_seqlen)
+            x = block(x, positions, cu_seqlens, max_seqlen, inv_freq)
         return self.norm(x)
 
     def forward(

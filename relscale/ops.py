@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from relscale.config import RopeScalingConfig
 from relscale.errors import ConfigError
 
 SUPPORTED: dict[str, tuple[str, ...]] = {
@@ -77,7 +78,7 @@ def _extension_serves(op: str, device_type: str) -> bool:
     if not ext.available():
         return False
     if device_type == "cpu":
-        return op == "rope"
+        return False  # TEMPORARY: until ext.rope takes the inv_freq table (kernels helper re-enables)
     return device_type == "cuda" and ext.has_cuda_kernels()
 
 
@@ -97,11 +98,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
 
 
 # ------------------------------------------------------------------------------------------ rope
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape ``positions.shape + (head_dim,)`` in fp32 (HF rotate-half layout)."""
-    even = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64)
-    inv_freq = theta ** (-even / head_dim)
-    freqs = positions.to(torch.float64)[..., None] * inv_freq
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: RopeScalingConfig | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """The rotary inverse frequencies, (head_dim // 2,) float64: ``theta ** (-2i / head_dim)``.
+
+    The one place the frequencies are computed; every RoPE backend (torch, the C++/CUDA
+    extension) takes this table. Plain RoPE follows Su et al., "RoFormer" (2021). With
+    ``scaling.type == "llama3"`` (Llama 3.1, as exported by Hugging Face ``rope_type: llama3``):
+    a frequency of wavelength ``w = 2*pi / f`` is kept when ``w < L / high_freq_factor``, divided by
+    ``factor`` when ``w > L / low_freq_factor`` (``L = original_max_position_embeddings``), and in
+    between interpolated as ``(1 - s) * f / factor + s * f`` with
+    ``s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+
+    Raises ValueError for an odd ``head_dim`` or an unknown scaling type.
+    """
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"rope_inv_freq: head_dim must be even and positive, got {head_dim}")
+    even = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64)
+    inv_freq = float(theta) ** (-even / head_dim)
+    kind = "none" if scaling is None else scaling.type
+    if kind == "none":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"rope_inv_freq: rope_scaling.type {kind!r} is not implemented")
+    old_len = float(scaling.original_max_position_embeddings)
+    low, high = float(scaling.low_freq_factor), float(scaling.high_freq_factor)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / scaling.factor, interpolated)
+    return torch.where(wavelen < old_len / high, inv_freq, scaled)
+
+
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape ``positions.shape + (2 * len(inv_freq),)`` in fp32 (HF rotate-half
+    layout); angles are formed in float64 so long positions lose no precision."""
+    freqs = positions.to(torch.float64)[..., None] * inv_freq.to(device=positions.device, dtype=torch.float64)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().float(), emb.sin().float()
 
@@ -112,10 +145,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_reference(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of q (B, S, H, D) and k (B, S, H_kv, D) at integer ``positions`` (B, S)."""
-    cos, sin = rope_angles(positions, q.shape[-1], theta)
+    """Rotary embedding of q (B, S, H, D) and k (B, S, H_kv, D) at integer ``positions`` (B, S)
+    with the frequency table ``inv_freq`` (D // 2,) from :func:`rope_inv_freq`."""
+    cos, sin = rope_angles(positions, inv_freq)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     q_out = q.float() * cos + _rotate_half(q.float()) * sin
     k_out = k.float() * cos + _rotate_half(k.float()) * sin
@@ -123,8 +157,10 @@ def rope_reference(
 
 
 def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float, backend: str = "auto"
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q (B, S, H, D) and k (B, S, H_kv, D) at ``positions`` (B, S) with the
+    frequency table ``inv_freq`` (D // 2,) from :func:`rope_inv_freq`."""
     if resolve("rope", backend, q.device.type) == "cuda":
         from relscale import ext
 
@@ -133,10 +169,10 @@ def apply_rope(
             q.reshape(batch * seq, *q.shape[2:]).contiguous(),
             k.reshape(batch * seq, *k.shape[2:]).contiguous(),
             positions.reshape(-1),
-            theta,
+            inv_freq,
         )
         return q_out.view(q.shape), k_out.view(k.shape)
-    return rope_reference(q, k, positions, theta)
+    return rope_reference(q, k, positions, inv_freq)
 
 
 # ---------------------------------------------------------------------------------------- swiglu

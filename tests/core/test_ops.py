@@ -15,7 +15,7 @@ def test_rope_reference_is_a_complex_rotation():
     b, s, h, d, theta = 2, 9, 3, 10, 500.0
     q, k = torch.randn(b, s, h, d, dtype=torch.float64), torch.randn(b, s, 1, d, dtype=torch.float64)
     pos = torch.randint(0, 50, (b, s))
-    q_out, k_out = ops.rope_reference(q.float(), k.float(), pos, theta)
+    q_out, k_out = ops.rope_reference(q.float(), k.float(), pos, ops.rope_inv_freq(d, theta))
     for x, out in ((q, q_out), (k, k_out)):
         half = d // 2
         z = torch.complex(x[..., :half], x[..., half:])
