@@ -1,14 +1,60 @@
 """Atomic file writes, used by every room: a reader sees the old file or the new one, never half,
 and a crash (or a full disk) mid-write leaves no partial file behind. Pure standard library, so
-``relscale.fit`` can use it without importing torch."""
+``relscale.fit`` can use it without importing torch.
+
+Files get the mode a plain ``open(path, "w")`` would give them (``0o666 & ~umask``): the temporary
+file that ``tempfile.mkstemp`` creates is private (0600), and results on a shared file system must
+stay readable by the teammates the umask admits.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel reports it (Linux >= 4.7).
+
+    ``os.umask`` can only be read by setting it, which for a moment gives files created by other
+    threads the wrong mode; /proc/self/status avoids that window. Returns e.g. 0o022."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 with the umask's bits removed."""
+    return 0o666 & ~current_umask()
+
+
+def no_space_message(err: OSError, path: str | Path) -> str | None:
+    """"no space left on device: PATH" for a full disk (or quota), else None."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device: {path}"
+    return None
+
+
+def make_temp(path: Path) -> str:
+    """A new, empty temporary file next to ``path`` (same file system, so a rename is atomic),
+    with the umask's mode; returns its name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, default_file_mode())
+    finally:
+        os.close(fd)
+    return tmp
 
 
 def atomic_write(
@@ -19,12 +65,16 @@ def atomic_write(
     With ``overwrite=False`` an existing ``path`` is kept (a finished result is never replaced)
     and False is returned; the move is then a hard link, which fails atomically if the target
     exists, also on NFS. ``fsync`` flushes the data to disk before the move (for files that
-    other machines read on a shared file system)."""
+    other machines read on a shared file system). The file gets mode ``0o666 & ~umask``.
+
+    Raises OSError as the file system does; a full disk (ENOSPC, EDQUOT) is re-raised as
+    ``OSError(errno, "no space left on device: PATH")`` so that the one-line error names the file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        tmp = make_temp(path)
         write(tmp)
         if fsync:
             with open(tmp, "rb+") as f:
@@ -37,8 +87,13 @@ def atomic_write(
         except FileExistsError:
             return False
         return True
+    except OSError as err:
+        message = no_space_message(err, path)
+        if message is not None and message not in str(err):
+            raise OSError(err.errno, message) from err
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -3,15 +3,24 @@
 Layout: ``out_dir/checkpoints/step_0000100/`` holds the DCP files of the model and optimizer
 (sharded: every rank writes its own shards; a plain single process writes them all), plus
 ``trainer_rank<r>.pt`` per rank (step, data-loader position, RNG states) and ``checkpoint.json``
-(step, config fingerprint). A checkpoint is written under a temporary name and renamed by rank 0
-after every rank has finished, so a ``step_*`` folder is always complete; older ones are removed
-only after the new one is in place.
+(step, config fingerprint, and the size and sha256 of every other file of the folder). A
+checkpoint is written under a temporary name and renamed by rank 0 after every rank has finished,
+so a ``step_*`` folder is always complete; older ones are removed only after the new one is in place.
+
+Reading is safe against a planted checkpoint: torch's DCP reader unpickles ``.metadata`` with plain
+``pickle.load`` (which runs any code a crafted file names) and un-pickles non-tensor values with
+``torch.load(weights_only=False)``. Every DCP read in relscale goes through :func:`load_dcp_state`
+(and :func:`read_checkpoint_metadata`), which verify the checksums, admit only DCP's own metadata
+classes in ``.metadata`` and load non-tensor values with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
+import pickle
 import re
 import shutil
 import warnings
@@ -20,6 +29,11 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from relscale.errors import ConfigError, DataError
@@ -27,6 +41,171 @@ from relscale.train.parallel import DistEnv, barrier
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 META = "checkpoint.json"
+_HASH_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------- safe reading of DCP files
+
+# The only globals a DCP ``.metadata`` pickle of torch 2.x names (checked on torch 2.13): DCP's own
+# metadata dataclasses, torch.Size, dtypes and layouts, and the checkpoint path. Nothing callable
+# beyond these constructors and lookups, so a crafted file cannot run code.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+class UnsafeCheckpointError(DataError):
+    """A checkpoint file names a Python object outside the checkpoint format (a planted payload)."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only the DCP metadata classes (and torch dtypes)."""
+
+    def __init__(self, file: io.BufferedIOBase, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(
+            f"{self.path}: refusing to load the checkpoint: it names {module}.{name}, which is not part "
+            "of the checkpoint format (a planted or foreign file; only load checkpoints you trust)"
+        )
+
+
+def read_checkpoint_metadata(path: str | Path, rank: int | None = None) -> Metadata:
+    """The DCP ``Metadata`` of checkpoint folder ``path`` (``.metadata``, or ``__<rank>.metadata``),
+    unpickled with only DCP's metadata classes admitted.
+
+    Raises DataError naming the file when it is missing or unreadable, UnsafeCheckpointError (a
+    DataError) when it names any other Python object."""
+    name = ".metadata" if rank is None else f"__{rank}.metadata"
+    file = Path(path) / name
+    try:
+        with open(file, "rb") as stream:
+            metadata = _MetadataUnpickler(stream, file).load()
+    except UnsafeCheckpointError:
+        raise
+    except FileNotFoundError as err:
+        raise DataError(f"{file}: missing; {path} is not a complete checkpoint") from err
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError,
+            IndexError, KeyError) as err:
+        raise DataError(f"{file}: unreadable checkpoint metadata ({type(err).__name__}: {err})") from err
+    if not isinstance(metadata, Metadata):
+        raise DataError(f"{file}: not DCP checkpoint metadata (holds a {type(metadata).__name__})")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """torch's ``FileSystemReader`` with ``.metadata`` read by :func:`read_checkpoint_metadata`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_checkpoint_metadata(Path(self.path), kwargs.get("rank"))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor values (optimizer hyperparameters, counters) are
+    un-pickled with ``torch.load(weights_only=True)`` instead of ``weights_only=False``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError(
+                f"refusing to load checkpoint value {read_item.dest_index.fqn!r}: {str(err).splitlines()[0]}"
+            ) from err
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size (bytes) and sha256 of every file in a checkpoint folder except checkpoint.json."""
+    return {
+        entry.name: {"bytes": entry.stat().st_size, "sha256": _sha256(entry)}
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.is_file() and entry.name != META
+    }
+
+
+def verify_checkpoint(path: str | Path) -> int:
+    """Check every file of a checkpoint folder against the sizes and sha256 in its checkpoint.json.
+
+    Returns the number of files checked (0 for a checkpoint written before checksums were
+    recorded). Raises DataError naming the first missing, truncated or corrupted file."""
+    path = Path(path)
+    files = read_meta(path).get("files")
+    if not isinstance(files, dict):
+        return 0
+    for name, record in files.items():
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise DataError(f"{file}: missing (listed in {path / META}); "
+                            "the checkpoint is incomplete") from None
+        if size != record.get("bytes"):
+            raise DataError(f"{file}: {size} bytes, the checkpoint recorded {record.get('bytes')} "
+                            "(truncated or replaced); delete the checkpoint folder to start over")
+        if _sha256(file) != record.get("sha256"):
+            raise DataError(f"{file}: corrupted (sha256 differs from {path / META}); delete the "
+                            "checkpoint folder to start over")
+    return len(files)
+
+
+def _checkpoint_error(path: Path, err: CheckpointException) -> DataError:
+    """A DCP CheckpointException (a BaseException) as a one-line DataError naming the folder."""
+    causes = [exc for exc, _ in err.failures.values()] if isinstance(err.failures, dict) else []
+    reason = "; ".join(f"{type(c).__name__}: {str(c).splitlines()[0] if str(c) else ''}" for c in causes[:2])
+    for cause in causes:
+        if isinstance(cause, DataError):
+            return cause
+    return DataError(f"{path}: unreadable checkpoint ({reason or 'DCP load failed'})")
+
+
+def load_dcp_state(path: str | Path, state: dict[str, Any], *, verify: bool = True) -> None:
+    """Load DCP checkpoint folder ``path`` into ``state`` in place (any sharding), safely.
+
+    The one DCP read of relscale (train --resume, sweep take-over, eval --checkpoints): checks the
+    checksums of checkpoint.json when present (``verify``), reads ``.metadata`` with the restricted
+    unpickler and non-tensor values with ``weights_only=True``. Raises DataError (naming the file)
+    for a missing, truncated, corrupted or unsafe checkpoint, never torch's CheckpointException."""
+    path = Path(path)
+    if verify and (path / META).is_file():
+        verify_checkpoint(path)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    except CheckpointException as err:
+        raise _checkpoint_error(path, err) from None
 
 
 def checkpoint_root(out_dir: Path) -> Path:
@@ -92,7 +271,10 @@ def save_checkpoint(
     torch.save({**trainer_state, "rng": rng_state(env.device)}, tmp / f"trainer_rank{env.rank}.pt")
     barrier(env)  # every rank has written its part
     if env.is_main:
-        (tmp / META).write_text(json.dumps({**meta, "step": step, "world_size": env.world_size}, indent=2))
+        # Checksums of every file: a checkpoint damaged on disk is refused at load, naming the file,
+        # instead of resuming from corrupted (e.g. non-finite) weights.
+        record = {**meta, "step": step, "world_size": env.world_size, "files": checksum_files(tmp)}
+        (tmp / META).write_text(json.dumps(record, indent=2))
         replaced = final.with_name(f".old_{final.name}")
         if final.exists():  # the same step written again: swap, so a complete one always exists
             final.rename(replaced)
@@ -107,10 +289,14 @@ def save_checkpoint(
 
 
 def read_meta(path: Path) -> dict[str, Any]:
+    """checkpoint.json of a checkpoint folder; DataError naming the file when unreadable."""
     try:
-        return json.loads((path / META).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        meta = json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path / META}: unreadable checkpoint metadata ({err})") from err
+    if not isinstance(meta, dict):
+        raise DataError(f"{path / META}: unreadable checkpoint metadata (not a JSON object)")
+    return meta
 
 
 def load_checkpoint(
@@ -119,8 +305,7 @@ def load_checkpoint(
     """Restore model and optimizer in place (any sharding); returns this rank's trainer state."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    with _quiet_single_process(env):
-        dcp.load(state, checkpoint_id=path)
+    load_dcp_state(path, state)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     # A different world size at resume: every rank takes rank 0's trainer state (the loader
     # position is the same on every rank; only the RNG streams are per rank).
@@ -128,7 +313,10 @@ def load_checkpoint(
     trainer_file = own if own.is_file() else path / "trainer_rank0.pt"
     if not trainer_file.is_file():
         raise DataError(f"{path}: no trainer state ({trainer_file.name}); the checkpoint is incomplete")
-    trainer_state = torch.load(trainer_file, weights_only=True)
+    try:
+        trainer_state = torch.load(trainer_file, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise DataError(f"{trainer_file}: unreadable trainer state ({str(err).splitlines()[0]})") from err
     set_rng_state(trainer_state.pop("rng"), env.device)
     return trainer_state
 
