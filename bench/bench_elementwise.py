@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import bandwidth_record, copy_bandwidth_gbps, run_from_command_line, time_fn  # noqa: E402
 
-from relscale import ext  # noqa: E402
+from relscale import ext, ops  # noqa: E402
 
 NAME = "elementwise"
 HEAD_DIM = 128
@@ -54,9 +54,8 @@ def swiglu_torch(gate, up):
     return F.silu(gate) * up
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
-    inv_freq = THETA**-exponents
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T, 1, D) for the torch baselines, float64 angles rounded to fp32."""
     angles = positions.double()[:, None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)[:, None, :]
     return angles.cos().float(), angles.sin().float()
@@ -82,7 +81,8 @@ def _bench_cases(tokens: int, hidden: int, dtype: torch.dtype, device: str, back
     q, k = randn(tokens, heads, HEAD_DIM, grad=True), randn(tokens, heads, HEAD_DIM, grad=True)
     grad_q, grad_k = randn(tokens, heads, HEAD_DIM), randn(tokens, heads, HEAD_DIM)
     positions = (torch.arange(tokens) % DOC_LEN).to(device)
-    cos, sin = rope_tables(positions, HEAD_DIM)
+    inv_freq = ops.rope_inv_freq(HEAD_DIM, THETA, device=positions.device)
+    cos, sin = rope_tables(positions, inv_freq)
     rope_bytes = 2 * (q.numel() + k.numel()) * esize + positions.numel() * 8
     rope_info = {"tokens": tokens, "hidden": hidden, "heads": heads, "kv_heads": heads, "head_dim": HEAD_DIM}
     rope_compiled = torch.compile(rope_torch, backend=backend, fullgraph=True, dynamic=False)
@@ -110,9 +110,9 @@ def _bench_cases(tokens: int, hidden: int, dtype: torch.dtype, device: str, back
     if ext.available() and (torch.device(device).type == "cpu" or ext.has_cuda_kernels()):
         qd, kd, gd, ud = q.detach(), k.detach(), gate.detach(), up.detach()
         cases += [
-            ("rope", "fwd", "relscale_ext", lambda: ext.rope(qd, kd, positions, THETA),
+            ("rope", "fwd", "relscale_ext", lambda: ext.rope(qd, kd, positions, inv_freq),
              rope_bytes, rope_info),
-            ("rope", "bwd", "relscale_ext", lambda: ext.rope_backward(grad_q, grad_k, positions, THETA),
+            ("rope", "bwd", "relscale_ext", lambda: ext.rope_backward(grad_q, grad_k, positions, inv_freq),
              rope_bytes, rope_info),
             ("swiglu", "fwd", "relscale_ext", lambda: ext.swiglu(gd, ud), fwd_bytes, swiglu_info),
             ("swiglu", "bwd", "relscale_ext", lambda: ext.swiglu_backward(grad_out, gd, ud), bwd_bytes,

@@ -35,8 +35,7 @@ void rotate_heads(const T* in, T* out, int64_t heads, int64_t head_dim, const fl
 template <typename T>
 void rope_typed(const RopeArgs& args) {
   const int64_t half = args.head_dim / 2;
-  std::vector<double> inv_freq(half);
-  for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::pow(args.theta, -2.0 * i / args.head_dim);
+  const double* inv_freq = args.inv_freq;
   const double sign = args.inverse ? -1.0 : 1.0;
   const int64_t row = (args.q_heads + args.k_heads) * args.head_dim;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(row, 1));

@@ -15,19 +15,21 @@ enum class ElementType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Rotary embedding of q and k in one pass (Hugging Face "rotate_half" layout).
 // q is (tokens, q_heads, head_dim) and k is (tokens, k_heads, head_dim), both contiguous; the
-// angle of pair i at token t is positions[t] * theta^(-2i/head_dim). inverse rotates by the
-// negative angle (the backward). q_out may equal q_in and k_out may equal k_in (in place).
+// angle of pair i at token t is positions[t] * inv_freq[i], with the frequency table computed once
+// in Python (relscale.ops.rope_inv_freq: plain or llama3-scaled), so no formula is repeated here.
+// inverse rotates by the negative angle (the backward). q_out may equal q_in and k_out may equal
+// k_in (in place).
 struct RopeArgs {
   const void* q_in;
   void* q_out;
   const void* k_in;
   void* k_out;
   const int64_t* positions;  // (tokens,) contiguous
+  const double* inv_freq;    // (head_dim / 2,) contiguous float64, on the same device as q
   int64_t tokens;
   int64_t q_heads;
   int64_t k_heads;
   int64_t head_dim;  // even, at most kMaxRopeHeadDim
-  double theta;
   bool inverse;
   ElementType type;
 };

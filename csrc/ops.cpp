@@ -49,9 +49,10 @@ void check_launch(cudaError_t status, const char* op) {
 #endif
 
 // Shapes: q (..., Hq, D), k (..., Hk, D) with the same leading dims; positions has one int64 per
-// token (T = product of the leading dims).
-RopeArgs rope_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions, double theta,
-                   bool inverse, const char* op) {
+// token (T = product of the leading dims), in any shape and layout; inv_freq is the (D / 2,)
+// float64 frequency table (relscale.ops.rope_inv_freq), any stride.
+RopeArgs rope_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                   const at::Tensor& inv_freq, bool inverse, const char* op) {
   TORCH_CHECK(q.dim() >= 2 && k.dim() >= 2, op, ": q and k must be (..., heads, head_dim), got q ", q.sizes(),
               " and k ", k.sizes());
   TORCH_CHECK(q.sizes().slice(0, q.dim() - 2) == k.sizes().slice(0, k.dim() - 2), op,
@@ -68,21 +69,30 @@ RopeArgs rope_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& p
   const int64_t tokens = q.dim() == 2 ? 1 : c10::multiply_integers(q.sizes().slice(0, q.dim() - 2));
   TORCH_CHECK(positions.numel() == tokens, op, ": positions has ", positions.numel(),
               " entries but q and k have ", tokens, " tokens (shape ", q.sizes(), ")");
-  TORCH_CHECK(theta > 0, op, ": theta must be positive, got ", theta);
+  TORCH_CHECK(inv_freq.scalar_type() == at::kDouble, op, ": inv_freq must be float64 (relscale.ops.rope_inv_freq), got ",
+              inv_freq.scalar_type());
+  TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.size(0) == head_dim / 2, op, ": inv_freq must have shape [",
+              head_dim / 2, "] (head_dim / 2), got ", inv_freq.sizes());
+  check_device(inv_freq, q, op, "inv_freq");
   RopeArgs args{};
   args.tokens = tokens;
   args.q_heads = q.size(-2);
   args.k_heads = k.size(-2);
   args.head_dim = head_dim;
-  args.theta = theta;
   args.inverse = inverse;
   args.type = element_type(q, op, "q");
   return args;
 }
 
-void run_rope(RopeArgs& args, const at::Tensor& device_ref, const at::Tensor& positions, const char* op) {
+// positions and inv_freq are made contiguous here (a strided view is copied, never misread); the
+// copies live until the kernel has been enqueued, and the caching allocator orders their reuse
+// after it on the stream.
+void run_rope(RopeArgs& args, const at::Tensor& device_ref, const at::Tensor& positions,
+              const at::Tensor& inv_freq, const char* op) {
   const at::Tensor pos = positions.contiguous();
+  const at::Tensor freq = inv_freq.contiguous();
   args.positions = pos.const_data_ptr<int64_t>();
+  args.inv_freq = freq.const_data_ptr<double>();
   if (device_ref.device().is_cpu()) {
     rope_cpu(args);
     return;
@@ -96,9 +106,9 @@ void run_rope(RopeArgs& args, const at::Tensor& device_ref, const at::Tensor& po
 }
 
 std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
-                                        double theta, bool inverse) {
+                                        const at::Tensor& inv_freq, bool inverse) {
   constexpr const char* op = "relscale::rope";
-  RopeArgs args = rope_args(q, k, positions, theta, inverse, op);
+  RopeArgs args = rope_args(q, k, positions, inv_freq, inverse, op);
   const at::Tensor q_in = q.contiguous();
   const at::Tensor k_in = k.contiguous();
   at::Tensor q_out = at::empty(q.sizes(), q.options());
@@ -107,18 +117,19 @@ std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k
   args.k_in = k_in.const_data_ptr();
   args.q_out = q_out.mutable_data_ptr();
   args.k_out = k_out.mutable_data_ptr();
-  run_rope(args, q, positions, op);
+  run_rope(args, q, positions, inv_freq, op);
   return {q_out, k_out};
 }
 
-void rope_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions, double theta, bool inverse) {
+void rope_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions, const at::Tensor& inv_freq,
+           bool inverse) {
   constexpr const char* op = "relscale::rope_";
-  RopeArgs args = rope_args(q, k, positions, theta, inverse, op);
+  RopeArgs args = rope_args(q, k, positions, inv_freq, inverse, op);
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), op, ": in-place RoPE needs contiguous q and k (q strides ",
               q.strides(), ", k strides ", k.strides(), ")");
   args.q_in = args.q_out = q.mutable_data_ptr();
   args.k_in = args.k_out = k.mutable_data_ptr();
-  run_rope(args, q, positions, op);
+  run_rope(args, q, positions, inv_freq, op);
 }
 
 void check_same(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name, const char* ref_name) {
@@ -190,8 +201,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad_out, c
 
 TORCH_LIBRARY(relscale, m) {
   m.set_python_module("relscale.ext");  // holds the fake kernels and the autograd formulas
-  m.def("rope(Tensor q, Tensor k, Tensor positions, float theta, bool inverse=False) -> (Tensor, Tensor)");
-  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, float theta, bool inverse=False) -> ()");
+  m.def("rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, bool inverse=False) -> (Tensor, Tensor)");
+  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor inv_freq, bool inverse=False) -> ()");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }

@@ -4,8 +4,10 @@
 // table of cos/sin for every (token, frequency) pair, then every thread rotates VEC pairs of one
 // head at a time, so sincos is evaluated once per token and frequency, not once per head.
 // The angle pos * inv_freq is formed in fp32 with its rounding error carried separately
-// (inv_freq as a hi + lo pair from a double pow, the product split with an fma) and folded back
+// (inv_freq as a hi + lo pair split from the float64 table, the product split with an fma) and folded back
 // into sin/cos, so the tables match a float64 reference to fp32 rounding even at large positions.
+// The frequencies themselves come in as the float64 table of relscale.ops.rope_inv_freq (plain or
+// llama3-scaled); the kernel never recomputes them.
 #include <algorithm>
 
 #include "cuda_common.cuh"
@@ -38,8 +40,8 @@ __device__ __forceinline__ void load_table(const float* row, float (&out)[VEC]) 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRopeThreads)
 rope_kernel(const T* q_in, T* q_out, const T* k_in, T* k_out,  // may alias (in place)
-            const int64_t* __restrict__ positions, int64_t tokens, int q_heads, int k_heads,
-            int head_dim, int chunk_tokens, double theta, float sign) {
+            const int64_t* __restrict__ positions, const double* __restrict__ inv_freq_table,
+            int64_t tokens, int q_heads, int k_heads, int head_dim, int chunk_tokens, float sign) {
   extern __shared__ __align__(16) float shared[];
   const int half = head_dim / 2;
   float* inv_freq_hi = shared;
@@ -48,7 +50,7 @@ rope_kernel(const T* q_in, T* q_out, const T* k_in, T* k_out,  // may alias (in 
   float* sin_table = cos_table + chunk_tokens * half;
 
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const double inv_freq = pow(theta, -2.0 * i / head_dim);
+    const double inv_freq = inv_freq_table[i];
     const float hi = static_cast<float>(inv_freq);
     inv_freq_hi[i] = hi;
     inv_freq_lo[i] = static_cast<float>(inv_freq - static_cast<double>(hi));
@@ -148,12 +150,12 @@ cudaError_t launch_rope(const RopeArgs& args, cudaStream_t stream) {
   const float sign = args.inverse ? -1.0f : 1.0f;
   if (vectorized) {
     rope_kernel<T, kVec><<<grid, kRopeThreads, smem_bytes, stream>>>(
-        q_in, q_out, k_in, k_out, args.positions, args.tokens, static_cast<int>(args.q_heads),
-        static_cast<int>(args.k_heads), static_cast<int>(args.head_dim), chunk_tokens, args.theta, sign);
+        q_in, q_out, k_in, k_out, args.positions, args.inv_freq, args.tokens, static_cast<int>(args.q_heads),
+        static_cast<int>(args.k_heads), static_cast<int>(args.head_dim), chunk_tokens, sign);
   } else {
     rope_kernel<T, 1><<<grid, kRopeThreads, smem_bytes, stream>>>(
-        q_in, q_out, k_in, k_out, args.positions, args.tokens, static_cast<int>(args.q_heads),
-        static_cast<int>(args.k_heads), static_cast<int>(args.head_dim), chunk_tokens, args.theta, sign);
+        q_in, q_out, k_in, k_out, args.positions, args.inv_freq, args.tokens, static_cast<int>(args.q_heads),
+        static_cast<int>(args.k_heads), static_cast<int>(args.head_dim), chunk_tokens, sign);
   }
   return cudaGetLastError();
 }

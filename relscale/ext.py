@@ -56,30 +56,36 @@ def rope(
     q: torch.Tensor,
     k: torch.Tensor,
     positions: torch.Tensor,
-    theta: float = 10000.0,
+    inv_freq: torch.Tensor,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of q (..., Hq, D) and k (..., Hk, D) at int64 ``positions`` (one per token).
+    """Rotary embedding of q (..., Hq, D) and k (..., Hk, D) at int64 ``positions`` (one per token,
+    any shape with that many elements) with the frequency table ``inv_freq`` (D // 2,) from
+    :func:`relscale.ops.rope_inv_freq` (moved to q's device as float64 here if it is not already).
 
-    Hugging Face rotate-half convention, fp32 math. ``inplace=True`` overwrites q and k (they must
-    be contiguous) and returns them; it has no autograd, so it is for no-grad use only.
+    Hugging Face rotate-half convention (Su et al., "RoFormer", 2021), fp32 math, the angle
+    ``position * inv_freq`` formed to float64 accuracy. Strided q, k, positions and inv_freq are
+    copied contiguous by the op. ``inplace=True`` overwrites q and k (they must be contiguous) and
+    returns them; it has no autograd, so it is for no-grad use only. Raises RuntimeError naming the
+    argument for a wrong shape, dtype or device.
     """
     _require()
-    theta = float(theta)
+    inv_freq = inv_freq.to(device=q.device, dtype=torch.float64)
     if not inplace:
-        return torch.ops.relscale.rope(q, k, positions, theta)
+        return torch.ops.relscale.rope(q, k, positions, inv_freq)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         raise RuntimeError("relscale.ext.rope(inplace=True) has no autograd; use inplace=False when training")
-    torch.ops.relscale.rope_(q, k, positions, theta)
+    torch.ops.relscale.rope_(q, k, positions, inv_freq)
     return q, k
 
 
 def rope_backward(
-    grad_q: torch.Tensor, grad_k: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0
+    grad_q: torch.Tensor, grad_k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``rope`` w.r.t. q and k: the same rotation by the negative angle."""
     _require()
-    return torch.ops.relscale.rope(grad_q, grad_k, positions, float(theta), True)
+    inv_freq = inv_freq.to(device=grad_q.device, dtype=torch.float64)
+    return torch.ops.relscale.rope(grad_q, grad_k, positions, inv_freq, True)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -100,11 +106,11 @@ def swiglu_backward(
 if _C is not None:
 
     @torch.library.register_fake("relscale::rope")
-    def _rope_fake(q, k, positions, theta, inverse=False):
+    def _rope_fake(q, k, positions, inv_freq, inverse=False):
         return q.new_empty(q.shape), k.new_empty(k.shape)  # the kernel returns contiguous tensors
 
     @torch.library.register_fake("relscale::rope_")
-    def _rope_inplace_fake(q, k, positions, theta, inverse=False):
+    def _rope_inplace_fake(q, k, positions, inv_freq, inverse=False):
         return None
 
     @torch.library.register_fake("relscale::swiglu")
@@ -116,16 +122,15 @@ if _C is not None:
         return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
     def _rope_setup_context(ctx, inputs, output):
-        _, _, positions, theta, *rest = inputs
-        ctx.save_for_backward(positions)
-        ctx.theta = theta
+        _, _, positions, inv_freq, *rest = inputs
+        ctx.save_for_backward(positions, inv_freq)
         ctx.inverse = bool(rest[0]) if rest else False
 
     def _rope_grad(ctx, grad_q, grad_k):
-        (positions,) = ctx.saved_tensors
+        positions, inv_freq = ctx.saved_tensors
         # a rotation's transpose is the rotation by the opposite angle; this op is itself
-        # differentiable, so double backward works too
-        grad_q, grad_k = torch.ops.relscale.rope(grad_q, grad_k, positions, ctx.theta, not ctx.inverse)
+        # differentiable, so double backward works too. No gradient for the frequency table.
+        grad_q, grad_k = torch.ops.relscale.rope(grad_q, grad_k, positions, inv_freq, not ctx.inverse)
         return grad_q, grad_k, None, None, None
 
     def _swiglu_setup_context(ctx, inputs, output):

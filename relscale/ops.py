@@ -78,7 +78,7 @@ def _extension_serves(op: str, device_type: str) -> bool:
     if not ext.available():
         return False
     if device_type == "cpu":
-        return False  # TEMPORARY: until ext.rope takes the inv_freq table (kernels helper re-enables)
+        return op == "rope"
     return device_type == "cuda" and ext.has_cuda_kernels()
 
 
@@ -144,11 +144,28 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rope_positions(positions: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """``positions`` of shape (S,), (1, S) or (B, S) as a (B, S) view (broadcast over the batch).
+
+    Every RoPE backend goes through this, so they accept the same shapes and refuse others with the
+    same message. Raises ValueError naming the accepted shapes.
+    """
+    if tuple(positions.shape) in ((seq,), (1, seq), (batch, seq)):
+        return positions.expand(batch, seq)
+    raise ValueError(
+        f"rope: positions must have shape ({seq},), (1, {seq}) or ({batch}, {seq}) for q of batch {batch} "
+        f"and sequence {seq}, got {tuple(positions.shape)}"
+    )
+
+
 def rope_reference(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of q (B, S, H, D) and k (B, S, H_kv, D) at integer ``positions`` (B, S)
-    with the frequency table ``inv_freq`` (D // 2,) from :func:`rope_inv_freq`."""
+    """Rotary embedding of q (B, S, H, D) and k (B, S, H_kv, D) at integer ``positions`` ((S,), (1, S)
+    or (B, S)) with the frequency table ``inv_freq`` (D // 2,) from :func:`rope_inv_freq`.
+
+    fp32 math with float64 angles, rotate-half layout (Su et al., "RoFormer", 2021)."""
+    positions = rope_positions(positions, q.shape[0], q.shape[1])
     cos, sin = rope_angles(positions, inv_freq)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     q_out = q.float() * cos + _rotate_half(q.float()) * sin
@@ -159,16 +176,20 @@ def rope_reference(
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of q (B, S, H, D) and k (B, S, H_kv, D) at ``positions`` (B, S) with the
-    frequency table ``inv_freq`` (D // 2,) from :func:`rope_inv_freq`."""
+    """Rotary embedding of q (B, S, H, D) and k (B, S, H_kv, D) at integer ``positions`` ((S,), (1, S)
+    or (B, S), any integer dtype) with the frequency table ``inv_freq`` (D // 2,) from
+    :func:`rope_inv_freq`. Every backend gives the fp32-math result rounded once to q's dtype.
+
+    Raises ValueError for a positions shape other than those three."""
     if resolve("rope", backend, q.device.type) == "cuda":
         from relscale import ext
 
         batch, seq = q.shape[:2]
+        flat_positions = rope_positions(positions, batch, seq).reshape(-1).long()
         q_out, k_out = ext.rope(
-            q.reshape(batch * seq, *q.shape[2:]).contiguous(),
-            k.reshape(batch * seq, *k.shape[2:]).contiguous(),
-            positions.reshape(-1),
+            q.reshape(batch * seq, *q.shape[2:]),
+            k.reshape(batch * seq, *k.shape[2:]),
+            flat_positions,
             inv_freq,
         )
         return q_out.view(q.shape), k_out.view(k.shape)

@@ -77,3 +77,118 @@ def test_dispatch_rejects_unsupported_backends_naming_the_key():
         ops.resolve("rope", "triton", "cpu")
     assert ops.resolve("attention", "auto", "cpu") == "torch"
     assert ops.resolve("attention", "auto", "cuda") == "triton"
+
+
+# ------------------------------------------------------------------- RoPE: llama3 scaling, backends
+LLAMA31 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+def llama31_inv_freq64(head_dim: int, theta: float) -> list[float]:
+    """Llama 3.1's frequency rule written out from its definition, one scalar at a time:
+    wavelength 2*pi/f below 8192/4 keeps f, above 8192/1 gives f/8, in between
+    (1 - s) f/8 + s f with s = (8192 / wavelength - 1) / (4 - 1)."""
+    out = []
+    for i in range(head_dim // 2):
+        f = theta ** (-(2.0 * i) / head_dim)
+        wavelength = 2.0 * math.pi / f
+        if wavelength < 8192 / 4:
+            out.append(f)
+        elif wavelength > 8192 / 1:
+            out.append(f / 8)
+        else:
+            s = (8192 / wavelength - 1) / (4 - 1)
+            out.append((1 - s) * f / 8 + s * f)
+    return out
+
+
+def rope64(x: torch.Tensor, positions: torch.Tensor, freq: list[float]) -> torch.Tensor:
+    """Rotate-half RoPE of x (B, S, H, D) in float64 as a complex rotation (differentiable)."""
+    half = x.shape[-1] // 2
+    angle = positions.double()[..., None, None] * torch.tensor(freq, dtype=torch.float64, device=x.device)
+    cos, sin = angle.cos(), angle.sin()
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+
+def _rope_backends() -> list:
+    from tests.csrc import DEVICES
+
+    return [
+        pytest.param("torch", "cpu", id="torch-cpu"),
+        pytest.param("cuda", "cpu", id="extension-cpu"),  # the C++ CPU path of relscale._C
+        pytest.param("cuda", "cuda", id="extension-cuda", marks=DEVICES[1].marks),
+        pytest.param("torch", "cuda", id="torch-cuda", marks=DEVICES[1].marks),
+    ]
+
+
+def test_llama31_rule_has_all_three_regimes_and_rope_inv_freq_matches_it():
+    from relscale.config import RopeScalingConfig
+
+    d, theta = 128, 500000.0
+    expected = llama31_inv_freq64(d, theta)
+    plain = [theta ** (-(2.0 * i) / d) for i in range(d // 2)]
+    ratios = [p / e for p, e in zip(plain, expected)]
+    # the test shapes exercise kept (ratio 1), divided (ratio 8) and interpolated frequencies
+    assert ratios[0] == 1 and ratios[-1] == pytest.approx(8) and any(1.01 < r < 7.99 for r in ratios)
+    table = ops.rope_inv_freq(d, theta, RopeScalingConfig(type="llama3", **LLAMA31))
+    assert table.dtype == torch.float64 and table.shape == (d // 2,)
+    torch.testing.assert_close(table, torch.tensor(expected, dtype=torch.float64), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", _rope_backends())
+def test_every_rope_backend_matches_float64_llama31_forward_and_backward(backend, device):
+    from relscale.config import RopeScalingConfig
+    from tests.csrc import require_extension
+
+    if backend == "cuda":
+        require_extension()
+    d, theta = 128, 500000.0
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 24, 4, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 24, 2, d, generator=gen, dtype=torch.float64)
+    # long positions (up to 4x the original 8192 context) where the scaled frequencies matter
+    positions = torch.randint(0, 32768, (2, 24), generator=gen)
+    freq = llama31_inv_freq64(d, theta)
+    q64, k64 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    expected_q, expected_k = rope64(q64, positions, freq), rope64(k64, positions, freq)
+    grad_q, grad_k = torch.randn(q.shape, generator=gen), torch.randn(k.shape, generator=gen)
+    torch.autograd.backward((expected_q, expected_k), (grad_q.double(), grad_k.double()))
+    unscaled = rope64(q, positions, [theta ** (-(2.0 * i) / d) for i in range(d // 2)])
+    assert (unscaled - expected_q).abs().max() > 0.5  # scaling changes the result visibly
+
+    table = ops.rope_inv_freq(d, theta, RopeScalingConfig(type="llama3", **LLAMA31), device=device)
+    qf = q.float().to(device).requires_grad_()
+    kf = k.float().to(device).requires_grad_()
+    q_out, k_out = ops.apply_rope(qf, kf, positions.to(device), table, backend=backend)
+    torch.autograd.backward((q_out, k_out), (grad_q.to(device), grad_k.to(device)))
+    # fp32 inputs exact; fp32 cos/sin of accurately formed angles: ~1e-6 relative
+    pairs = ((q_out, expected_q), (k_out, expected_k), (qf.grad, q64.grad), (kf.grad, k64.grad))
+    for actual, expected in pairs:
+        torch.testing.assert_close(actual.double().cpu(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", _rope_backends())
+def test_rope_backends_accept_the_same_position_shapes(backend, device):
+    from tests.csrc import require_extension
+
+    if backend == "cuda":
+        require_extension()
+    gen = torch.Generator().manual_seed(4)
+    b, s, d = 3, 7, 16
+    q = torch.randn(b, s, 2, d, generator=gen).to(device)
+    k = torch.randn(b, s, 1, d, generator=gen).to(device)
+    table = ops.rope_inv_freq(d, 10000.0, device=device)
+    row = (torch.arange(s) + 5).to(device)
+    expected_q = rope64(q.double(), row.expand(b, s), [10000.0 ** (-(2.0 * i) / d) for i in range(d // 2)])
+    for positions in (row, row[None], row.expand(b, s).clone(), row.expand(b, s)):
+        q_out, _ = ops.apply_rope(q, k, positions, table, backend=backend)
+        torch.testing.assert_close(q_out.double(), expected_q, rtol=1e-5, atol=1e-5)
+    message = r"rope: positions must have shape \(7,\), \(1, 7\) or \(3, 7\) .* got \(2, 7\)"
+    with pytest.raises(ValueError, match=message):
+        ops.apply_rope(q, k, row.expand(2, s), table, backend=backend)
+
+
+def test_auto_rope_uses_the_extension_on_cpu_when_built():
+    from relscale import ext
+
+    assert ops.resolve("rope", "auto", "cpu") == ("cuda" if ext.available() else "torch")

@@ -87,6 +87,6 @@ def test_unavailable_extension_warns_once_and_ops_raise(monkeypatch):
     assert not ext.has_cuda_kernels()
     x = torch.zeros(2, 1, 4)
     with pytest.raises(RuntimeError, match="relscale._C is not built"):
-        ext.rope(x, x, torch.zeros(2, dtype=torch.long))
+        ext.rope(x, x, torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="relscale._C is not built"):
         ext.swiglu(x, x)
