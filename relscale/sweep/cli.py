@@ -269,5 +269,29 @@ def run_sweep(args: argparse.Namespace) -> int:
         update_index(sweep)
         if not args.quiet:
             print(status_text(sweep, args.lease_timeout))
+        failed = failed_runs(sweep)
+        if failed:
+            # A sweep with failed runs is not a success: scripts and schedulers must see it.
+            for folder, error in failed[:10]:
+                print(f"relscale sweep: run {folder} failed: {error or 'no error recorded'}", file=sys.stderr)
+            if len(failed) > 10:
+                print(f"relscale sweep: ... and {len(failed) - 10} more failed runs", file=sys.stderr)
+            code = code or 1
     return code
+
+
+def failed_runs(sweep) -> list[tuple[str, str | None]]:
+    """(folder, error line) of every run marked failed, in listing order."""
+    states = sweep.states()
+    out = []
+    for record in sweep.records:
+        if states[record.run_id].state == "failed":
+            payload = sweep.read_mark(record.run_id, "failed") or {}
+            error = payload.get("error") or payload.get("reason")
+            if isinstance(error, str) and "\n" in error.strip():
+                from relscale.sweep.executors import error_summary
+
+                error = error_summary(error)
+            out.append((record.folder, error))
+    return out
 

@@ -200,7 +200,11 @@ def run_claim(sweep: Sweep, claim: Claim, trainer: _Trainer, worker: str,
             sweep.log_attempt(run_dir, {"event": "interrupted", "attempt": attempt, "worker": worker})
             sweep.release(claim)  # the checkpoint stays: the next worker resumes it at once
             raise
-        except Exception:  # noqa: BLE001 -- any error of a run is recorded, the sweep goes on
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException:  # noqa: BLE001 -- any error of a run is recorded, the sweep goes on
+            # BaseException, not Exception: torch's CheckpointException (a truncated checkpoint)
+            # derives from BaseException and would otherwise kill the worker with no cause recorded.
             error = traceback.format_exc()
     timing["train_end"] = time.perf_counter()
     if status == "lost" or heartbeat.lost or not sweep.owns(claim.lease):
@@ -215,7 +219,7 @@ def run_claim(sweep: Sweep, claim: Claim, trainer: _Trainer, worker: str,
     else:
         write_atomic(run_dir / f"error-{attempt}.txt", error or "")
         failures = claim.previous_failures + 1
-        last_line = (error or "").strip().splitlines()[-1:]
+        last_line = [error_summary(error or "")]
         sweep.mark(rid, f"fail-{attempt}", {"worker": worker, "error": last_line})
         if failures > opts.max_retries:
             row = result_row(sweep, rid, "failed", None, 0)
@@ -231,6 +235,18 @@ def run_claim(sweep: Sweep, claim: Claim, trainer: _Trainer, worker: str,
         # Optimizer state is 3x the weights; thousands of finished runs only need final/.
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return {"status": status, "result": result, "error": error, **timing}
+
+
+def error_summary(text: str) -> str:
+    """The one line of a formatted traceback that says what went wrong: its last line, or for
+    torch's CheckpointException (which nests the rank's traceback) the nested exception's line."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    for line in reversed(lines):
+        if not line.startswith(" ") and ":" in line and not line.startswith("Traceback"):
+            return line.strip()
+    return lines[-1].strip()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,10 +15,19 @@ Layout (every write is atomic: a temp file in the same folder, then os.replace /
 Why this shape: a run's state is the presence of a file, so the state of 10,000 runs is two
 directory listings (marks/ and leases/) instead of 10,000 reads; and every transition uses a
 primitive that is atomic on NFS-like shared file systems: a lease is created with os.link of a
-fully written temp file (fails if the lease exists: exactly one claimer wins), a heartbeat
-rewrites it with os.replace, and a stale lease (heartbeat older than the timeout, or owner
-process dead on this host) is taken over by first renaming it to a name unique to the taker --
-only one rename of a given file can succeed -- and then claiming afresh.
+fully written file (fails if the lease exists: exactly one claimer wins), and a stale lease
+(heartbeat older than the timeout, or owner process dead on this host) is taken over by first
+renaming it to a name unique to the taker -- only one rename of a given file can succeed -- and
+then claiming afresh.
+
+Heartbeats are a compare-and-set on the lease's inode, never a rewrite of the name: the owner
+keeps a second, private hard link ``leases/.<run_id>.own-<token>`` to its lease and heartbeats by
+touching that inode's mtime (the heartbeat time is the later of the JSON's and the mtime). It
+owns the run while ``leases/<run_id>`` is that same inode. A late heartbeat of a stalled worker
+therefore only ever refreshes its own (possibly already renamed-away) inode: it can never
+overwrite the lease of the worker that took the run over, and it reports the loss. A taker
+judges staleness on the inode it renamed away, so a heartbeat that lands before that judgement
+keeps the lease with its owner, and one that lands after it changes nothing.
 """
 
 from __future__ import annotations
@@ -30,13 +39,14 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relscale.atomic import atomic_write_text
+from relscale.atomic import atomic_write_text, default_file_mode
 from relscale.config import merge, train_config_from_dict
 from relscale.errors import ConfigError, RelscaleError
 
@@ -64,6 +74,7 @@ def create_exclusive(path: Path, text: str) -> bool:
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would hide results from teammates
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -75,7 +86,7 @@ def create_exclusive(path: Path, text: str) -> bool:
             return False
         except OSError:  # no hard links here: O_EXCL is the next best exclusive create
             try:
-                out = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                out = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # umask applies
             except FileExistsError:
                 return False
             with os.fdopen(out, "w") as f:
@@ -93,7 +104,16 @@ def _unlink(path: Path) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    """A JSON file of the sweep directory; RelscaleError naming it when it is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RelscaleError(f"{path}: unreadable JSON ({err})") from err
+
+
+def _race_point(point: str) -> None:
+    """No-op hook between the read and the write of a lease transition; tests replace it to force
+    an interleaving of two workers (``"takeover:judged"``, ``"heartbeat:touched"``)."""
 
 
 def _listdir(path: Path) -> list[str]:
@@ -134,9 +154,14 @@ class Lease:
     attempt: int
     started: float
     heartbeat: float
+    # False where the file system has no hard links: then heartbeats fall back to rewriting the
+    # lease after comparing its token (not a compare-and-set). Not written to the lease file.
+    linked: bool = field(default=True, repr=False, compare=False)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        data = asdict(self)
+        data.pop("linked")
+        return json.dumps(data)
 
     def owner_alive(self) -> bool | None:
         """False if the owner process is known dead (same host and PID namespace), else None."""
@@ -156,16 +181,22 @@ class Lease:
 
 
 def _parse_lease(path: Path, run_id: str) -> Lease | None:
+    """The lease at ``path``; its heartbeat is the later of the JSON's and the file's mtime (a
+    heartbeat touches the inode). None if there is no lease file."""
     try:
         text = path.read_text()
         mtime = path.stat().st_mtime
     except FileNotFoundError:
         return None
     try:
-        return Lease(**json.loads(text))
-    except (json.JSONDecodeError, TypeError):
+        data = json.loads(text)
+        data.pop("linked", None)
+        lease = Lease(**data)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
         # Unreadable content (a foreign or truncated file): judge it by its modification time.
         return Lease(run_id, "", "?", "", -1, 0, mtime, mtime)
+    lease.heartbeat = max(float(lease.heartbeat), mtime)
+    return lease
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +445,7 @@ class Sweep:
     def _try_claim(self, record: RunRecord, worker: str, failures: int, lost: int,
                    max_retries: int, max_lost: int, took_over: bool = False) -> Claim | None:
         lease = self._new_lease(record.run_id, worker, 0)
-        if not create_exclusive(self.leases / record.run_id, lease.to_json()):
+        if not self._create_lease(lease):
             return None
         # Between our listing and our lease another worker may have finished the run (it marks
         # first, then releases), so look again now that nobody else can start it.
@@ -423,7 +454,8 @@ class Sweep:
             return None
         if failures > max_retries or lost > max_lost:
             # Retries used up (e.g. raised by a worker started with a higher limit): finish it.
-            self.mark(record.run_id, "failed", {"reason": f"{failures} failed and {lost} lost attempts"})
+            self.mark(record.run_id, "failed", {"reason": f"{failures} failed and {lost} lost attempts",
+                                                 "error": self.last_error(record.run_id)})
             self._release(lease)
             return None
         run_dir = self.run_dir(record)
@@ -446,7 +478,8 @@ class Sweep:
             os.rename(self.leases / rid, grave)  # of racing takers, exactly one renames this file
         except FileNotFoundError:
             return None
-        taken = _parse_lease(grave, rid)
+        taken = _parse_lease(grave, rid)  # judged on the inode we hold: its owner touches it
+        _race_point("takeover:judged")
         if taken is None or taken.token != stale.token or not taken.is_stale(lease_timeout_s):
             # The lease changed after we looked (its owner heartbeated, or another taker already
             # re-claimed it): put it back unless its owner has re-created it meanwhile.
@@ -456,6 +489,8 @@ class Sweep:
                 pass
             _unlink(grave)
             return None
+        # The stale owner's private link goes first: its late heartbeats then fail at once.
+        _unlink(self._private(rid, taken.token))
         _unlink(grave)
         self.mark(rid, f"lost-{max(stale.attempt, 1)}-{uuid.uuid4().hex[:6]}",
                   {"worker": stale.worker, "heartbeat": stale.heartbeat, "taken_by": worker})
@@ -465,14 +500,79 @@ class Sweep:
 
     # -- heartbeats, release, marks ----------------------------------------------------------
 
+    def _private(self, run_id: str, token: str) -> Path:
+        """The owner's private hard link to its lease (hidden: names with a dot are not leases)."""
+        return self.leases / f".{run_id}.own-{token}"
+
+    def _create_lease(self, lease: Lease) -> bool:
+        """Create ``leases/<run_id>`` for ``lease`` unless a lease exists; True if this call won.
+
+        The lease is written under the owner's private name first and then hard-linked to the
+        public name (exclusive and atomic, also on NFS); the private link stays for heartbeats."""
+        public, private = self.leases / lease.run_id, self._private(lease.run_id, lease.token)
+        fd = os.open(private, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        with os.fdopen(fd, "w") as f:
+            f.write(lease.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(private, public)
+            return True
+        except FileExistsError:
+            _unlink(private)
+            return False
+        except OSError:  # no hard links on this file system: a plain exclusive create
+            _unlink(private)
+            lease.linked = False
+            return create_exclusive(public, lease.to_json())
+
+    def _same_file(self, lease: Lease) -> bool | None:
+        """Whether ``leases/<run_id>`` is our lease's inode (None: no lease file right now;
+        False also when our private link is gone, i.e. a taker removed it)."""
+        try:
+            mine = os.stat(self._private(lease.run_id, lease.token))
+        except FileNotFoundError:
+            return False
+        try:
+            public = os.stat(self.leases / lease.run_id)
+        except FileNotFoundError:
+            return None
+        return (public.st_dev, public.st_ino) == (mine.st_dev, mine.st_ino)
+
     def heartbeat(self, lease: Lease) -> bool:
-        """Refresh our lease; False if it is no longer ours (taken over after going stale)."""
+        """Refresh our lease; False if it is no longer ours (taken over after going stale).
+
+        A compare-and-set: touch our own inode (through the private link), then check that the
+        public name is still that inode. See the module docstring for why this cannot leave
+        two owners whatever a taker does in between."""
+        if not lease.linked:
+            return self._heartbeat_by_content(lease)
+        now = time.time()
+        try:
+            os.utime(self._private(lease.run_id, lease.token), (now, now))
+        except FileNotFoundError:
+            return False  # a taker removed our private link: the run is someone else's
+        lease.heartbeat = now
+        _race_point("heartbeat:touched")
+        for _ in range(20):
+            same = self._same_file(lease)
+            if same is not None:
+                return same
+            # Briefly absent while a taker judges it (and renames it back if it is fresh).
+            time.sleep(0.05)
+        # Absent for a second: nobody holds it (a taker died mid-way); put our inode back.
+        try:
+            os.link(self._private(lease.run_id, lease.token), self.leases / lease.run_id)
+        except (FileExistsError, FileNotFoundError):
+            pass
+        return bool(self._same_file(lease))
+
+    def _heartbeat_by_content(self, lease: Lease) -> bool:
+        """The heartbeat without hard links: compare the token, rewrite the file."""
         path = self.leases / lease.run_id
         for _ in range(20):
             current = _parse_lease(path, lease.run_id)
             if current is None:
-                # Briefly absent while a taker renames it back (see _take_over); if it stays
-                # absent nobody holds it, and we still own the run.
                 time.sleep(0.05)
                 continue
             if current.token != lease.token:
@@ -484,25 +584,50 @@ class Sweep:
         return create_exclusive(path, lease.to_json())
 
     def owns(self, lease: Lease) -> bool:
+        """Whether ``lease`` still holds its run."""
+        if lease.linked:
+            return bool(self._same_file(lease))
         current = self.read_lease(lease.run_id)
         return current is not None and current.token == lease.token
 
     def _release(self, lease: Lease) -> None:
         if self.owns(lease):
             _unlink(self.leases / lease.run_id)
+        _unlink(self._private(lease.run_id, lease.token))
 
     def release(self, claim: Claim) -> None:
         self._release(claim.lease)
+
+    def last_error(self, run_id: str) -> str | None:
+        """The error line of the run's latest failed attempt (from its fail-<k> marks), if any."""
+        best: tuple[int, str] | None = None
+        for name in _listdir(self.marks):
+            rid, _, kind = name.partition(".")
+            if rid == run_id and kind.startswith("fail-") and kind[5:].isdigit():
+                if best is None or int(kind[5:]) > best[0]:
+                    best = (int(kind[5:]), name)
+        if best is None:
+            return None
+        try:
+            error = _read_json(self.marks / best[1]).get("error")
+        except (OSError, RelscaleError, AttributeError):
+            return None
+        return " ".join(error) if isinstance(error, list) else error
 
     def mark(self, run_id: str, kind: str, payload: dict[str, Any]) -> bool:
         """Record a fact about a run; a mark is never overwritten (False if it already existed)."""
         return create_exclusive(self.marks / f"{run_id}.{kind}", json.dumps(payload, default=str))
 
     def read_mark(self, run_id: str, kind: str) -> dict[str, Any] | None:
+        """A mark's JSON payload; None if absent, {} (with a warning) if unreadable."""
         try:
-            return _read_json(self.marks / f"{run_id}.{kind}")
+            payload = _read_json(self.marks / f"{run_id}.{kind}")
         except FileNotFoundError:
             return None
+        except RelscaleError as err:
+            warnings.warn(f"{err}; using the run's grid row instead", stacklevel=2)
+            return {}
+        return payload if isinstance(payload, dict) else {}
 
     def log_attempt(self, run_dir: Path, event: dict[str, Any]) -> None:
         """Append to the run's attempt log (only the lease holder writes it, so appends don't race)."""

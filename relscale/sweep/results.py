@@ -15,6 +15,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,48 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table(columns, schema=SCHEMA)
 
 
+class CorruptIndex(Exception):
+    """results.parquet exists but cannot be read as the index (truncated, foreign, other schema)."""
+
+
+def _read_index_file(path: Path) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise CorruptIndex(f"{path}: unreadable results index ({type(err).__name__}: {err})") from err
+    missing = [name for name in COLUMNS if name not in table.column_names]
+    if missing:
+        raise CorruptIndex(f"{path}: not a results index (no column {missing[0]!r})")
+    try:
+        return table.select(COLUMNS).cast(SCHEMA)
+    except (pa.ArrowException, ValueError) as err:
+        raise CorruptIndex(f"{path}: results index with other column types ({err})") from err
+
+
 def read_index(sweep_dir: str | Path) -> pa.Table:
+    """The results index of a sweep directory (an empty table when there is none yet).
+
+    results.parquet is a cache of the marks: when it is unreadable it is rebuilt from them, with
+    a warning, instead of failing every reader (workers, fit, eval)."""
     path = Path(sweep_dir) / INDEX_FILE
     if not path.exists():
         return SCHEMA.empty_table()
-    return pq.read_table(path)
+    try:
+        return _read_index_file(path)
+    except CorruptIndex as err:
+        warnings.warn(f"{err}; rebuilding it from the run marks", stacklevel=2)
+    sweep = Sweep(sweep_dir)
+    if update_index(sweep, rebuild=True) is None:  # another worker is rebuilding it: use the marks
+        return _table(_rows_from_marks(sweep))
+    return _read_index_file(path)
+
+
+def _rows_from_marks(sweep: Sweep) -> list[dict[str, Any]]:
+    rows = []
+    for rid, kind in _finished_marks(sweep).items():
+        payload = sweep.read_mark(rid, kind) or {}
+        rows.append(payload.get("row") or result_row(sweep, rid, kind, None, 0))
+    return rows
 
 
 def _finished_marks(sweep: Sweep) -> dict[str, str]:
@@ -126,7 +164,12 @@ def update_index(sweep: Sweep, *, rebuild: bool = False, max_rounds: int = 10) -
     try:
         path = sweep.root / INDEX_FILE
         for _ in range(max_rounds):
-            table = SCHEMA.empty_table() if rebuild else read_index(sweep.root)
+            try:
+                table = SCHEMA.empty_table() if rebuild else (
+                    _read_index_file(path) if path.exists() else SCHEMA.empty_table())
+            except CorruptIndex as err:
+                warnings.warn(f"{err}; rebuilding it from the run marks", stacklevel=2)
+                table = SCHEMA.empty_table()
             rebuild = False
             ids = table.column("run_id").to_pylist()
             indexed = dict(zip(ids, table.column("status").to_pylist()))

@@ -74,6 +74,7 @@ def test_stale_lease_is_taken_over_once(tmp_path):
     old = json.loads((sweep.leases / a.record.run_id).read_text())
     stale = Lease(**{**old, "heartbeat": time.time() - 600})
     write_atomic(sweep.leases / a.record.run_id, stale.to_json())
+    os.utime(sweep.leases / a.record.run_id, (stale.heartbeat, stale.heartbeat))  # heartbeats touch it
     states = sweep.states(lease_timeout_s=60)
     assert [s.state for s in states.values()] == ["stale", "running"]
     c = sweep.claim("worker-c", lease_timeout_s=60)
