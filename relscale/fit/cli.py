@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from relscale.errors import RelscaleError
 
+from .diagnostics import FitWarning
 from .io import METRICS, TRANSFORMS
 from .report import WHAT, run_fit
 
@@ -33,8 +35,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--flops",
-        default="flops_marin",
-        help="FLOP column / convention: flops_marin (forward-only, sweep budgets) or flops_train",
+        default=None,
+        help="FLOP column / convention: flops_marin (forward-only, sweep budgets; the default for dumps "
+        "and sweep results) or flops_train; for a table, a column that must exist",
+    )
+    parser.add_argument(
+        "--wide",
+        default=None,
+        help="table with one loss column per group: COL1,COL2,... or a glob such as 'loss_*' "
+        "(the column names become the groups)",
+    )
+    parser.add_argument(
+        "--where",
+        default=None,
+        help="row filter, e.g. \"source == 'x' and params >= 1e6\" (==, !=, <, <=, >, >=, in, and, or, not)",
+    )
+    parser.add_argument(
+        "--budget-convention",
+        default=None,
+        help="FLOP convention of a table's budget column (default: the FLOP column's; unstated without one)",
+    )
+    parser.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=None,
+        help="declared IsoFLOP budgets: runs without a budget column snap to the nearest one",
     )
     parser.add_argument(
         "--baseline", default="pooled", help="baseline group name, or 'pooled' (mean of groups)"
@@ -85,6 +111,14 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, f"{role}_col", None)
     }
     # RelscaleError propagates: the top-level `relscale` CLI prints its message and exits 2.
+    # Fit warnings are listed once, in words, in the printed summary: not again with source lines.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)
+        _run(args, columns)
+    return 0
+
+
+def _run(args: argparse.Namespace, columns: dict[str, str]) -> None:
     run_fit(
         args.inputs,
         what=args.what,
@@ -93,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
         transform=args.transform,
         flops=args.flops,
         columns=columns or None,
+        wide=args.wide,
+        where=args.where,
+        budget_convention=args.budget_convention,
+        declared_budgets=args.budgets,
         baseline=args.baseline,
         grouping=args.grouping,
         targets=args.targets,
@@ -110,7 +148,6 @@ def run(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
         overwrite=args.overwrite,
     )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

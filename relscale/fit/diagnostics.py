@@ -26,6 +26,11 @@ class ConvergenceWarning(FitWarning):
     """The optimiser stopped without meeting its convergence criterion."""
 
 
+class BudgetSnapWarning(FitWarning):
+    """Runs without a budget column were grouped into IsoFLOP budgets by their FLOPs (each merge of
+    distinct FLOP values is listed)."""
+
+
 class DroppedDataWarning(FitWarning):
     """Rows, groups, budgets or bootstrap draws were left out of a fit (the message says which)."""
 

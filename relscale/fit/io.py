@@ -8,13 +8,16 @@ sums where that is what the metric means (NLL per token, bits per byte), a plain
 
 from __future__ import annotations
 
+import ast
+import fnmatch
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import is_numeric_dtype
 
 from relscale.errors import DataError
 
@@ -40,10 +43,21 @@ MODEL_COLUMNS = ("params", "tokens", "flops_train", "flops_marin")
 FLOP_COLUMNS = ("flops_marin", "flops_train")
 OK_STATUSES = ("done", "completed", "complete", "finished", "ok", "success", "succeeded")
 FLOP_NOTE = (
-    "FLOP convention: flops_marin (forward-only, Marin accounting; the sweep budgets) is about 3x smaller "
-    "than flops_train (6ND-style training FLOPs). The intercepts (gamma, coefficients) depend on the "
-    "convention; the exponents (beta, delta_beta) do not."
+    "FLOP conventions: flops_marin (forward-only, Marin accounting; the sweep budgets) is about 3x smaller "
+    "than flops_train (6ND-style training FLOPs). Changing F by one constant factor rescales the intercepts "
+    "(gamma, coefficients) and leaves the exponents (beta, delta_beta) unchanged; conventions whose ratio "
+    "varies between models (e.g. 6ND against FLOPs that count attention) change the exponents too."
 )
+
+
+def flop_note(convention: str) -> str:
+    """The footnote under every table: which convention F is in, and what a change of it does."""
+    return (
+        f"FLOP convention: F (compute) is in {convention}. Another convention that differs from it by one "
+        "constant factor rescales the intercepts (gamma, coefficients) and leaves the exponents (beta, "
+        "delta_beta) unchanged; one whose ratio to it varies between models (e.g. 6ND against FLOPs "
+        "that count attention) changes the exponents too, so refit in that convention."
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,14 +117,12 @@ def _check_finite(
         bad = ~np.isfinite(values)
         if bad.any():
             where_bad = (rows[bad] if rows is not None else frame.index[bad]).tolist()
-            more = f" (and {len(where_bad) - 20} more)" if len(where_bad) > 20 else ""
-            raise DataError(
-                f"{where}: column {col!r} is NaN, inf or not a number in rows {where_bad[:20]}{more}"
-            )
+            raise DataError(f"{where}: column {col!r} is NaN, inf or not a number in {_rows_text(where_bad)}")
 
 
 def _group_labels(frame: pd.DataFrame) -> pd.Series:
-    """group, or dataset where group is empty; 'dataset/group' where one group name spans datasets."""
+    """group, or dataset where group is empty; 'dataset/group' for every group when there are several
+    datasets."""
     if "group" in frame.columns:
         group = frame["group"].astype("string")
     else:
@@ -121,10 +133,10 @@ def _group_labels(frame: pd.DataFrame) -> pd.Series:
         else pd.Series("all", index=frame.index, dtype="string")
     )
     label = group.fillna(dataset).fillna("all")
-    if "dataset" in frame.columns:
-        spans = pd.DataFrame({"label": label, "dataset": dataset}).groupby("label")["dataset"].nunique()
-        clash = label.isin(spans.index[spans > 1])
-        label = label.where(~clash, dataset + "/" + label)
+    if "dataset" in frame.columns and dataset.nunique() > 1:
+        # Several eval sets: every group is labelled with its set, so no group (and no pooled
+        # baseline, see ErrorMatrix.pooled_rows) mixes datasets.
+        label = (dataset.fillna("?") + "/" + label).where(group.notna(), label)
     return label.astype(str)
 
 
@@ -203,6 +215,8 @@ def aggregate_dumps(
     else:
         value = grouped[needed[0]].mean()
     out = grouped[[*MODEL_COLUMNS, "budget"]].first()
+    if "dataset" in frame.columns:
+        out["dataset"] = grouped["dataset"].first().astype(str)
     out["n_examples"] = grouped.size()
     out["value"] = value
     out = out.reset_index()
@@ -231,7 +245,8 @@ def _select_grouping(examples: pd.DataFrame, grouping: str | None, source: str) 
 def _check_errors(frame: pd.DataFrame, source: str, what: str) -> None:
     bad = ~(np.isfinite(frame["error"]) & (frame["error"] > 0))
     if bad.any():
-        examples = frame.loc[bad, ["model_id", "group", "value"]].head(5).to_dict("records")
+        shown = ["row"] * ("row" in frame.columns) + ["model_id", "group", "value"]
+        examples = frame.loc[bad, shown].head(5).to_dict("records")
         raise DataError(
             f"{source}: error ({what}) must be finite and > 0 for log-log fits; "
             f"{int(bad.sum())} (model, group) cells are not, e.g. {examples}"
@@ -244,14 +259,21 @@ def read_results_index(
     loss: str = "final_val_loss",
     flops: str = "flops_marin",
     statuses: Iterable[str] = OK_STATUSES,
+    where: str | None = None,
 ) -> FitData:
-    """The sweep's results.parquet (one row per run); only runs whose status is finished are used."""
+    """The sweep's results.parquet (one row per run); only runs whose status is finished are used.
+
+    where: an optional row filter (row_filter), applied before the status filter."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.parquet"
     if not path.exists():
         raise DataError(f"sweep results index {str(path)!r} does not exist")
     frame = pd.read_parquet(path)
+    if where:
+        frame = frame[row_filter(frame, where, str(path))]
+    if frame.empty:
+        raise DataError(f"{path}: no runs" + (f" satisfy --where {where!r}" if where else ""))
     _check_columns(frame, ("run_id", "params", "tokens", flops, loss), str(path))
     if "status" in frame.columns:
         ok = frame["status"].astype(str).str.lower().isin({s.lower() for s in statuses})
@@ -288,19 +310,43 @@ def from_table(
     dropna: bool = False,
     source: str | None = None,
     budget_convention: str | None = None,
+    wide: str | Sequence[str] | None = None,
+    where: str | None = None,
+    row_labels: Sequence[str] | None = None,
 ) -> FitData:
     """Any table with params, tokens and/or flops, loss, and optionally group, model and budget.
 
     columns maps the canonical names (params, tokens, flops, loss, group, model_id, budget) to the
     table's column names. Missing flops are 6ND (k = flops_per_param_token); missing tokens are
-    flops / (k N). NaN rows raise naming the rows, or are dropped with a warning when dropna.
+    flops / (k N). NaN rows raise naming the rows (the file's own line numbers for a CSV), or are
+    dropped with a warning when dropna.
+
+    wide: one error column per group (a list of column names and/or fnmatch globs, or one
+    comma-separated string): those columns become the groups (OLMo-ladder / W&B layout).
+    where: a row filter such as ``source == 'x' and params > 1e6`` (see row_filter).
+    Model key: the model column; without one, (params, tokens) identify a model (or (params, flops)
+    when there is no tokens column); a key that repeats within a group raises a DataError naming
+    --model-col / --group-col rather than treating every row as its own model.
     """
     source = source or (str(table) if not isinstance(table, pd.DataFrame) else "DataFrame")
     if not isinstance(table, pd.DataFrame):
         path = Path(table)
         if not path.exists():
             raise DataError(f"table {source!r} does not exist")
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        table = read_table_file(path)
+        row_labels = [f"line {i + 2}" for i in range(len(table))] if path.suffix != ".parquet" else None
+    if row_labels is None:
+        row_labels = list(range(len(table)))
+    table = table.assign(_where=np.asarray(row_labels, dtype=object))
+    if len(table) == 0:
+        raise DataError(f"{source}: the table has no data rows (header only?)")
+    if where:
+        table = table[row_filter(table, where, source)]
+        if len(table) == 0:
+            raise DataError(f"{source}: no row satisfies --where {where!r}")
+    columns = dict(columns or {})
+    if wide:
+        table, columns = _melt_wide(table, wide, columns, source)
     names = {
         "params": "params",
         "tokens": "tokens",
@@ -310,11 +356,11 @@ def from_table(
         "model_id": "model_id",
         "budget": "budget",
     }
-    unknown = set(columns or {}) - set(names)
+    unknown = set(columns) - set(names)
     if unknown:
         raise DataError(f"unknown column role(s) {sorted(unknown)}; roles: {sorted(names)}")
-    names.update(columns or {})
-    explicit = set(columns or {})
+    names.update(columns)
+    explicit = set(columns)
     # Roles named explicitly must exist; default names are optional where a role is optional.
     _check_columns(table, [names[r] for r in explicit], source)
     _check_columns(table, [names["loss"], names["params"]], source)
@@ -330,10 +376,10 @@ def from_table(
         bad |= ~np.isfinite(pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=float))
     if bad.any():
         if not dropna:
-            _check_finite(table.reset_index(drop=True), required, source)
+            _check_finite(table, required, source, table["_where"])
         warn(
             DroppedDataWarning,
-            f"{source}: dropped rows {np.flatnonzero(bad).tolist()[:50]} with NaN in {required}",
+            f"{source}: dropped {_rows_text(table['_where'][bad])} with NaN in {required}",
         )
         table = table[~bad]
     table = table.reset_index(drop=True)
@@ -349,40 +395,223 @@ def from_table(
         convention = flop_convention or names["flops"]
     else:
         flops = k * params * tokens
-        convention = flop_convention or f"{k:g}ND"
+        convention = flop_convention or f"{k:g}ND (computed as {k:g} x params x tokens)"
+    if has["group"]:
+        group = table[names["group"]].astype(str)
+    elif "dataset" in table.columns:
+        group = table["dataset"].astype(str)
+    else:
+        group = pd.Series("all", index=table.index)
+    if has["model_id"]:
+        model_id = table[names["model_id"]].astype(str)
+    else:
+        # No model column: a model is what (params, tokens) identify, the same in every group.
+        key = names["tokens"] if has["tokens"] else names["flops"]
+        model_id = pd.Series([f"N={n:.6g},{key}={v:.6g}" for n, v in zip(params, table[key].astype(float))])
     out = pd.DataFrame(
         {
-            "model_id": table[names["model_id"]].astype(str)
-            if has["model_id"]
-            else pd.Series([f"row{i}" for i in range(len(table))]),
+            "model_id": model_id.to_numpy(),
             "params": params,
             "tokens": tokens,
             "flops": flops,
             "budget": table[names["budget"]].astype(float) if has["budget"] else np.nan,
-            "group": table[names["group"]].astype(str)
-            if has["group"]
-            else (table["dataset"].astype(str) if "dataset" in table.columns else "all"),
+            "group": group.to_numpy(),
             "value": table[names["loss"]].astype(float),
+            "row": table["_where"].to_numpy(),
         }
     )
-    dup = out.duplicated(["model_id", "group"])
+    if "dataset" in table.columns:
+        out["dataset"] = table["dataset"].astype(str).to_numpy()
+    dup = out.duplicated(["model_id", "group"], keep=False)
     if dup.any():
-        raise DataError(
-            f"{source}: (model, group) pairs repeat in rows {np.flatnonzero(dup).tolist()[:20]}; "
-            f"give a model column (columns={{'model_id': ...}}) that identifies each model"
-        )
+        rows = _rows_text(out.loc[dup, "row"])
+        if has["model_id"]:
+            hint = (
+                f"the model column {names['model_id']!r} repeats within a group; if the table holds "
+                f"several groups, name the group column with --group-col (columns={{'group': ...}})"
+            )
+        elif not has["group"]:
+            text_cols = [c for c in table.columns if c != "_where" and not is_numeric_dtype(table[c])]
+            hint = (
+                f"no model column ({names['model_id']!r}) and no group column ({names['group']!r}): "
+                f"the same (params, {key}) appears more than once; name the group column with "
+                "--group-col (columns={'group': ...})"
+                + (f", e.g. one of {text_cols[:8]}," if text_cols else "")
+                + " or the model column with --model-col"
+            )
+        else:
+            hint = (
+                f"no model column ({names['model_id']!r}), and (params, {key}) does not identify a "
+                "model within a group; name the column that identifies each model with --model-col "
+                "(columns={'model_id': ...})"
+            )
+        raise DataError(f"{source}: (model, group) pairs repeat in {rows}: {hint}")
     out["error"] = apply_transform(out["value"].to_numpy(), transform)
     _check_errors(out, source, f"{names['loss']} -> {transform}")
-    # A budget column is taken to be in the same convention as the flops unless told otherwise.
-    budget_convention = budget_convention or convention
+    if has["budget"] and budget_convention is None:
+        # A budget column shares the FLOP column's convention only when there is a FLOP column.
+        budget_convention = (
+            convention if has["flops"] or flop_convention
+            else f"as given in column {names['budget']!r} (convention not stated)"
+        )
     return FitData(
         out,
         flop_convention=convention,
-        metric=names["loss"],
+        metric=names["loss"] if not wide else "loss (wide columns)",
         transform=transform,
         source=source,
-        budget_convention=budget_convention,
+        budget_convention=budget_convention or convention,
     )
+
+
+def _rows_text(labels: Iterable, limit: int = 20) -> str:
+    """'rows [1, 4]' for positions, 'line 3, line 7' for a file's own line labels."""
+    labels = list(labels)
+    more = f" (and {len(labels) - limit} more)" if len(labels) > limit else ""
+    if all(isinstance(v, (int, np.integer)) for v in labels):
+        return f"rows {[int(v) for v in labels[:limit]]}{more}"
+    return ", ".join(map(str, labels[:limit])) + more
+
+
+def read_table_file(path: Path) -> pd.DataFrame:
+    """A CSV (or Parquet) table; an empty or header-only file raises a one-line DataError."""
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"table {str(path)!r} is empty") from None
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise DataError(f"cannot read table {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    if len(table) == 0:
+        raise DataError(f"table {str(path)!r} has no data rows (header only)")
+    return table
+
+
+def _melt_wide(
+    table: pd.DataFrame, wide: str | Sequence[str], columns: dict[str, str], source: str
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """One error column per group -> long rows (group = column name, loss = value)."""
+    patterns = [p.strip() for p in (wide.split(",") if isinstance(wide, str) else wide) if p.strip()]
+    chosen: list[str] = []
+    for pattern in patterns:
+        hits = [c for c in map(str, table.columns) if c != "_where" and fnmatch.fnmatchcase(c, pattern)]
+        if not hits:
+            raise DataError(
+                f"{source}: --wide {pattern!r} matches no column; columns present: "
+                f"{sorted(c for c in map(str, table.columns) if c != '_where')}"
+            )
+        chosen += [c for c in hits if c not in chosen]
+    for role in ("loss", "group"):
+        if role in columns:
+            raise DataError(f"{source}: --wide makes the groups and losses; do not also give --{role}-col")
+    roles = {r: columns.get(r, r) for r in ("params", "tokens", "flops", "model_id", "budget")}
+    clash = [c for c in chosen if c in roles.values()]
+    if clash:
+        raise DataError(f"{source}: --wide columns {clash} are also model columns (params/tokens/flops/...)")
+    ids = [c for c in table.columns if c not in chosen]
+    long = table.melt(id_vars=ids, value_vars=chosen, var_name="_group", value_name="_loss")
+    return long, {**columns, "group": "_group", "loss": "_loss"}
+
+
+def row_filter(table: pd.DataFrame, expression: str, source: str = "table") -> np.ndarray:
+    """Boolean mask of the rows satisfying a small filter language (never eval()).
+
+    Grammar: comparisons ``col == 'x'``, ``!=``, ``<``, ``<=``, ``>``, ``>=``, chained ones
+    (``1e6 <= params < 1e8``), ``col in ['a', 'b']`` / ``not in``, combined with ``and``, ``or``,
+    ``not`` and parentheses. Operands are column names (Python identifiers) and number, string,
+    True/False literals or lists of them. It is parsed with the ``ast`` module and only these node
+    types are evaluated, against pandas columns. Raises DataError naming the unknown column or the
+    construct that is not allowed.
+    """
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise DataError(f"--where {expression!r}: not a valid filter ({exc.msg})") from None
+
+    def operand(node: ast.AST):
+        if isinstance(node, ast.Name):
+            if node.id not in table.columns:
+                raise DataError(
+                    f"--where: no column {node.id!r} in {source}; columns present: "
+                    f"{sorted(c for c in map(str, table.columns) if c != '_where')}"
+                )
+            return table[node.id]
+        if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool)):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(
+            node.operand, ast.Constant
+        ) and isinstance(node.operand.value, (int, float)):
+            return -node.operand.value
+        if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+            return [operand(e) for e in node.elts]
+        raise DataError(f"--where: {ast.unparse(node)!r} is not allowed (columns, literals, lists only)")
+
+    def truth(node: ast.AST) -> pd.Series:
+        if isinstance(node, ast.BoolOp):
+            parts = [truth(v) for v in node.values]
+            out = parts[0]
+            for p in parts[1:]:
+                out = (out & p) if isinstance(node.op, ast.And) else (out | p)
+            return out
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return ~truth(node.operand)
+        if isinstance(node, ast.Compare):
+            result = pd.Series(True, index=table.index)
+            left = operand(node.left)
+            for op, right_node in zip(node.ops, node.comparators):
+                right = operand(right_node)
+                result &= _compare(op, left, right, expression)
+                left = right
+            return result
+        raise DataError(
+            f"--where {expression!r}: {ast.unparse(node)!r} is not a comparison (use ==, !=, <, in, and, or)"
+        )
+
+    mask = truth(tree.body)
+    return np.asarray(pd.Series(mask, index=table.index).fillna(False), dtype=bool)
+
+
+def _compare(op: ast.cmpop, left, right, expression: str) -> pd.Series:
+    if isinstance(op, (ast.In, ast.NotIn)):
+        if not isinstance(right, list) or not isinstance(left, pd.Series):
+            raise DataError(f"--where {expression!r}: use `column in [values]`")
+        hit = left.isin(right)
+        return ~hit if isinstance(op, ast.NotIn) else hit
+    ops = {ast.Eq: "__eq__", ast.NotEq: "__ne__", ast.Lt: "__lt__", ast.LtE: "__le__",
+           ast.Gt: "__gt__", ast.GtE: "__ge__"}
+    if type(op) not in ops or isinstance(left, list) or isinstance(right, list):
+        raise DataError(f"--where {expression!r}: operator {type(op).__name__} is not allowed here")
+    if not isinstance(left, pd.Series):  # literal on the left: flip the comparison
+        flipped = {ast.Lt: ast.Gt, ast.LtE: ast.GtE, ast.Gt: ast.Lt, ast.GtE: ast.LtE}
+        op = flipped.get(type(op), type(op))()
+        left, right = right, left
+    try:
+        result = getattr(left, ops[type(op)])(right)
+    except TypeError as exc:
+        raise DataError(f"--where {expression!r}: cannot compare ({exc})") from None
+    if result is NotImplemented:
+        raise DataError(f"--where {expression!r}: cannot compare these operands")
+    return result
+
+
+def read_tables(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
+    """Several CSV/Parquet tables (files or folders of *.csv) -> one table and each row's label."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(p.glob("*.csv")) + sorted(p.glob("*.parquet"))
+            if not found:
+                raise DataError(f"folder {str(p)!r} holds no *.csv or *.parquet table")
+            files += found
+        else:
+            files.append(p)
+    frames, labels = [], []
+    for f in files:
+        table = read_table_file(f)
+        frames.append(table.assign(file=f.stem) if len(files) > 1 and "file" not in table.columns else table)
+        line = (lambda i: f"line {i + 2}") if f.suffix != ".parquet" else (lambda i: f"row {i}")  # noqa: E731
+        prefix = f"{f.name} " if len(files) > 1 else ""
+        labels += [prefix + line(i) for i in range(len(table))]
+    return pd.concat(frames, ignore_index=True), labels
 
 
 def load(
@@ -391,43 +620,69 @@ def load(
     kind: str = "auto",
     metric: str = "bpb",
     transform: str | None = None,
-    flops: str = "flops_marin",
+    flops: str | None = None,
     columns: Mapping[str, str] | None = None,
     flop_convention: str | None = None,
     dropna: bool = False,
     grouping: str | None = None,
+    wide: str | Sequence[str] | None = None,
+    where: str | None = None,
+    budget_convention: str | None = None,
 ) -> FitData:
-    """Load dumps, a results index, or a table; kind='auto' decides from the files' columns."""
+    """Load dumps, a results index, or tables; kind='auto' decides from the files' columns.
+
+    flops: the FLOP column / convention (dumps and index: flops_marin by default). For a table it
+    names a column that must exist (a DataError otherwise, never silently ignored). Several CSV
+    files, or a folder of them, are concatenated (column `file` says which file a row came from).
+    wide / where: see from_table (tables) and row_filter (every kind).
+    """
     paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     if kind == "auto":
         kind = _detect_kind(paths)
     if kind == "dumps":
+        examples = read_dumps(paths)
+        if where:
+            examples = examples[row_filter(examples, where, "eval dumps")]
+            if examples.empty:
+                raise DataError(f"eval dumps: no row satisfies --where {where!r}")
         return aggregate_dumps(
-            read_dumps(paths),
+            examples,
             metric=metric,
             transform=transform,
-            flops=flops,
+            flops=flops or "flops_marin",
             source=", ".join(map(str, paths)),
             grouping=grouping,
         )
-    if len(paths) != 1:
-        raise DataError(f"a {kind} input is one file, got {len(paths)}")
     if kind == "index":
-        return read_results_index(paths[0], flops=flops)
+        if len(paths) != 1:
+            raise DataError(f"a sweep results index is one file or sweep folder, got {len(paths)}")
+        return read_results_index(paths[0], flops=flops or "flops_marin", where=where)
     if kind == "table":
-        path = paths[0]
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        table, labels = read_tables(paths)
         columns = dict(columns or {})
-        # A table that carries the requested convention column (e.g. a CSV export of the index) uses it.
-        if "flops" not in columns and flops in table.columns:
+        if flops is not None:
+            if flops not in table.columns:
+                raise DataError(
+                    f"--flops {flops!r}: the table has no such column (columns: "
+                    f"{sorted(map(str, table.columns))}); name a table's FLOP column with --flops-col"
+                )
+            if "flops" in columns and columns["flops"] != flops:
+                raise DataError(f"--flops {flops!r} and --flops-col {columns['flops']!r} disagree")
             columns["flops"] = flops
+        elif "flops" not in columns and "flops" not in table.columns and "flops_marin" in table.columns:
+            # A CSV export of a sweep results index: its budgets are in flops_marin.
+            columns["flops"] = "flops_marin"
         return from_table(
             table,
             columns=columns,
             transform=transform or "identity",
             dropna=dropna,
             flop_convention=flop_convention,
-            source=str(path),
+            source=", ".join(map(str, paths)),
+            budget_convention=budget_convention,
+            wide=wide,
+            where=where,
+            row_labels=labels,
         )
     raise DataError(f"unknown input kind {kind!r}; choose auto, dumps, index or table")
 
@@ -438,7 +693,11 @@ def _detect_kind(paths: list[Path]) -> str:
             raise DataError(f"input {str(p)!r} does not exist")
     first = paths[0]
     if first.is_dir():
-        return "index" if (first / "results.parquet").exists() else "dumps"
+        if (first / "results.parquet").exists():
+            return "index"
+        if any(first.rglob("*.parquet")) or not any(first.glob("*.csv")):
+            return "dumps"
+        return "table"
     if first.suffix == ".parquet":
         import pyarrow.parquet as pq
 

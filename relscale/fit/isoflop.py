@@ -11,7 +11,7 @@ intervals refit the line on every bootstrap draw of the minima.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -21,7 +21,7 @@ from relscale.errors import DataError
 
 from ._threads import single_threaded_blas
 from .bootstrap import percentile_interval, resample_counts
-from .diagnostics import ConcaveFitWarning, DroppedDataWarning, EdgeOfRangeWarning, warn
+from .diagnostics import BudgetSnapWarning, ConcaveFitWarning, DroppedDataWarning, EdgeOfRangeWarning, warn
 from .io import FitData
 from .powerlaw import PowerLawFit, fit_power_law
 
@@ -49,6 +49,12 @@ class BudgetFit:
     d_opt_ci: tuple[float, float]
     loss_opt_ci: tuple[float, float]
     n_boot_failed: int  # draws with < 3 distinct points or a concave parabola
+    boot_outside: float = 0.0  # share of draws whose minimum is missing or outside the sampled range
+
+    @property
+    def unreliable(self) -> bool:
+        """The interval leans on extrapolated minima (share above EXTRAPOLATION_LIMIT)."""
+        return self.boot_outside > EXTRAPOLATION_LIMIT
 
     def curve(self, x: np.ndarray) -> np.ndarray:
         u = np.log10(np.asarray(x, dtype=float)) - self.center
@@ -79,6 +85,27 @@ class IsoFlopResult:
     def any_concave(self) -> bool:
         return any(b.concave for b in self.budgets)
 
+    @property
+    def frontier_flag(self) -> str | None:
+        """Why the frontier laws are not a result (None when they are): fewer than 3 usable budgets
+        (an interior minimum whose bootstrap rarely extrapolates), or a budget in the frontier whose
+        minimum is at the edge or whose bootstrap extrapolates in more than EXTRAPOLATION_LIMIT of draws."""
+        used = [b for b in self.budgets if b.budget in self.frontier_budgets]
+        usable = [b for b in used if not b.at_edge and not b.unreliable]
+        if len(usable) < 3:
+            return f"{len(usable)} usable budget(s) of {len(self.budgets)}: at least 3 are needed"
+        edge = [f"{b.budget:.3g}" for b in used if b.at_edge]
+        wild = [f"{b.budget:.3g}" for b in used if b.unreliable]
+        reasons = []
+        if edge:
+            reasons.append(f"minimum at the edge of the sampled range at budgets {edge}")
+        if wild:
+            reasons.append(
+                f"bootstrap minima outside the sampled range in > {EXTRAPOLATION_LIMIT:.0%} of draws "
+                f"at {wild}"
+            )
+        return "; ".join(reasons) or None
+
     def table(self) -> pd.DataFrame:
         rows = []
         for b in self.budgets:
@@ -103,6 +130,8 @@ class IsoFlopResult:
                     "at_edge": b.at_edge,
                     "in_frontier": b.budget in self.frontier_budgets,
                     "n_boot_failed": b.n_boot_failed,
+                    "boot_outside_share": b.boot_outside,
+                    "flag": _budget_flag(b),
                 }
             )
         return pd.DataFrame(rows)
@@ -125,24 +154,83 @@ class IsoFlopResult:
                     "exponent_se": law.exponent_se,
                     "n_budgets": law.n_points,
                     "r2": law.r2,
+                    "flag": self.frontier_flag or "",
                 }
             )
         return pd.DataFrame(rows)
 
 
-def snap_budgets(flops: np.ndarray, tolerance_decades: float = 0.05) -> np.ndarray:
-    """Cluster FLOP counts that lie within tolerance_decades (log10) of their neighbours into budgets.
+SNAP_TOLERANCE_DECADES = 0.02  # about +-5%: Marin's achieved FLOPs are within 1% of the budget
+EXTRAPOLATION_LIMIT = 0.05  # a budget whose bootstrap minima leave the sampled range more often is flagged
 
-    Each cluster's budget is its geometric-mean FLOPs. Used when a table has no budget column.
+
+def snap_budgets(
+    flops: np.ndarray,
+    tolerance_decades: float = SNAP_TOLERANCE_DECADES,
+    declared: np.ndarray | None = None,
+    report: bool = True,
+) -> np.ndarray:
+    """Assign every run's FLOPs to an IsoFLOP budget, for tables without a budget column.
+
+    declared: the sweep's budgets; each point goes to the nearest one (in log FLOPs), and a point
+    farther than tolerance_decades from every declared budget raises DataError. Without declared
+    budgets, points are clustered around anchors: the smallest remaining point opens a budget and
+    takes every point within tolerance_decades (log10) of it, so clusters never chain neighbours
+    (9e18 and 1e19 stay apart); a budget is its members' geometric mean. Each merge of distinct
+    FLOP values is reported (BudgetSnapWarning) when report is set.
     """
-    log_f = np.log10(np.asarray(flops, dtype=float))
-    order = np.argsort(log_f, kind="stable")
-    cluster = np.concatenate([[0], np.cumsum(np.diff(log_f[order]) > tolerance_decades)])
+    f = np.asarray(flops, dtype=float)
+    log_f = np.log10(f)
     budgets = np.empty_like(log_f)
-    for c in np.unique(cluster):
-        members = order[cluster == c]
-        budgets[members] = 10 ** log_f[members].mean()
+    merges: list[str] = []
+    if declared is not None:
+        targets = np.log10(np.asarray(declared, dtype=float).reshape(-1))
+        nearest = np.abs(log_f[:, None] - targets[None, :]).argmin(axis=1)
+        far = np.abs(log_f - targets[nearest]) > tolerance_decades
+        if far.any():
+            raise DataError(
+                f"FLOPs {f[far][:10].tolist()} are more than {tolerance_decades} decades from every "
+                f"declared budget {sorted(10 ** targets)}"
+            )
+        budgets = 10 ** targets[nearest]
+        for j in np.unique(nearest):
+            members = f[nearest == j]
+            if np.unique(members).size > 1 or not np.isclose(members[0], 10 ** targets[j], rtol=1e-9):
+                merges.append(f"{members.size} points in [{members.min():.4g}, {members.max():.4g}] -> "
+                              f"{10 ** targets[j]:.4g}")
+    else:
+        order = np.argsort(log_f, kind="stable")
+        start = 0
+        while start < order.size:
+            anchor = log_f[order[start]]
+            stop = start
+            while stop < order.size and log_f[order[stop]] - anchor <= tolerance_decades:
+                stop += 1
+            members = order[start:stop]
+            budgets[members] = 10 ** log_f[members].mean()
+            if np.unique(f[members]).size > 1:
+                merges.append(f"{members.size} points in [{f[members].min():.4g}, {f[members].max():.4g}] -> "
+                              f"{budgets[members[0]]:.4g}")
+            start = stop
+    if merges and report:
+        warn(
+            BudgetSnapWarning,
+            "no budget column: runs were grouped into IsoFLOP budgets by their FLOPs (within "
+            f"{tolerance_decades} decades): " + "; ".join(merges),
+        )
     return budgets
+
+
+def _budget_flag(b: BudgetFit) -> str:
+    """Why one budget's minimum is not a measurement ('' when it is)."""
+    if b.concave:
+        return "parabola opens downward: no minimum"
+    reasons = []
+    if b.at_edge:
+        reasons.append("minimum at the edge of the sampled range")
+    if b.unreliable:
+        reasons.append(f"{b.boot_outside:.0%} of bootstrap minima outside the sampled range")
+    return "; ".join(reasons)
 
 
 def _design(u: np.ndarray) -> np.ndarray:
@@ -201,12 +289,16 @@ def fit_isoflop(
     edge_fraction: float = 0.05,
     exclude_edge: bool = False,
     budget_convention: str | None = None,
+    declared_budgets: np.ndarray | None = None,
 ) -> IsoFlopResult:
     """IsoFLOP (approach 2) analysis of points with columns params, tokens, budget (or flops), loss.
 
     data: a DataFrame with those columns, or a FitData (its per-model loss: one group, or the mean
     over groups when group is None). Budgets missing -> snapped from flops (snap_budgets).
     exclude_edge leaves budgets whose vertex is at the edge out of the frontier laws.
+    declared_budgets: snap FLOPs to the nearest of these (see snap_budgets) when there is no budget.
+    Frontier laws from fewer than 3 budgets get no interval (NaN); IsoFlopResult.frontier_flag says
+    when the frontier is not a result (too few usable budgets, edge minima, extrapolating bootstrap).
     """
     if fit_var not in ("params", "tokens"):
         raise DataError(f"fit_var must be 'params' or 'tokens', got {fit_var!r}")
@@ -225,7 +317,7 @@ def fit_isoflop(
     if "budget" in frame.columns and np.isfinite(frame["budget"].to_numpy(float)).all():
         budget = frame["budget"].to_numpy(float)
     elif "flops" in frame.columns:
-        budget = snap_budgets(frame["flops"].to_numpy(float))
+        budget = snap_budgets(frame["flops"].to_numpy(float), declared=declared_budgets)
         if not isinstance(data, FitData) and budget_convention is None:
             convention = "unspecified (budgets snapped from flops)"
         elif isinstance(data, FitData):
@@ -295,8 +387,11 @@ def fit_isoflop(
         for j, key in enumerate(("n", "d", "l")):
             boot = np.stack([boot_log[key][i] for i in use], axis=1) if n_boot else None
             if np.isfinite(values[j]).sum() >= 2:
-                laws[j] = fit_power_law(c, values[j], boot_log_y=boot, level=level)
-    return IsoFlopResult(
+                law = fit_power_law(c, values[j], boot_log_y=boot, level=level)
+                if law.n_points < 3:  # a line through two points: any interval would be spurious
+                    law = replace(law, coef_ci=(np.nan, np.nan), exponent_ci=(np.nan, np.nan))
+                laws[j] = law
+    result = IsoFlopResult(
         budgets=tuple(fits),
         n_opt_law=laws[0],
         d_opt_law=laws[1],
@@ -310,6 +405,9 @@ def fit_isoflop(
         seed=seed,
         group=group,
     )
+    if result.frontier_flag and laws[0] is not None:
+        warn(EdgeOfRangeWarning, f"the compute-optimal frontier is not a result: {result.frontier_flag}")
+    return result
 
 
 def _fit_budget(budget, x, other, loss, fit_var, robust, f_scale, n_boot, rng, level, edge_fraction):
@@ -341,6 +439,7 @@ def _fit_budget(budget, x, other, loss, fit_var, robust, f_scale, n_boot, rng, l
     # Bootstrap within the budget.
     log_n_draws = log_d_draws = log_l_draws = np.full(n_boot, np.nan)
     n_failed = 0
+    boot_outside = 0.0
     if n_boot:
         counts = resample_counts(rng, n, n_boot).astype(float)
         if robust is None:
@@ -355,6 +454,8 @@ def _fit_budget(budget, x, other, loss, fit_var, robust, f_scale, n_boot, rng, l
                         boot[i] = _robust_fit(u[idx], loss[idx], robust, scale, coeffs).x
         bu, bl = _vertex(boot)
         n_failed = int(np.isnan(bu).sum())
+        outside = np.isnan(bu) | (bu < u.min()) | (bu > u.max())
+        boot_outside = float(outside.mean())
         log_x_draws = center + bu
         other_draws = intercept + slope * bu
         log_n_draws, log_d_draws = (
@@ -392,6 +493,7 @@ def _fit_budget(budget, x, other, loss, fit_var, robust, f_scale, n_boot, rng, l
         d_opt_ci=ci(log_d_draws),
         loss_opt_ci=ci(log_l_draws),
         n_boot_failed=n_failed,
+        boot_outside=boot_outside,
     )
     return fit, (log_n_draws, log_d_draws, log_l_draws)
 

@@ -7,17 +7,24 @@ whole models, so a target and its baseline always see the same resampled models 
 
 Relative law: ln G = ln gamma + delta_beta ln F, fitted on the models where both errors exist, so
 delta_beta = beta_b - beta_t exactly (OLS is linear in y): > 0 when the target's error falls more
-slowly than the baseline's. Verdict at the largest sampled compute F_ref:
+slowly than the baseline's. Verdict, in this order:
+  - "insufficient data": fewer than min_models models or fewer than 3 distinct compute values;
+  - "metric constant across models": the target's (or baseline's) error does not vary across
+    models (e.g. a constant predictor), so no law can be estimated;
   - "no significant change": the delta_beta interval contains 0;
-  - "converging": |ln G| shrinks as F grows (G moves toward parity 1); parity compute
-    F* = gamma**(-1/delta_beta) lies beyond F_ref;
-  - "diverging": |ln G| grows with F.
-gamma depends on the FLOP convention (F -> 3F multiplies gamma by 3**(-delta_beta)); delta_beta
-does not.
+  - "crossed parity at F* (inside the data)": the fitted G(F) equals 1 at F* =
+    gamma**(-1/delta_beta) with F_min <= F* <= F_max, the sampled compute range (G went from one
+    side of parity to the other inside the data); F* comes with its bootstrap interval;
+  - "converging": |ln G| shrinks as F grows (G moves toward parity 1); parity compute F* lies
+    beyond F_max, the largest sampled compute (an extrapolation);
+  - "diverging": |ln G| grows with F, and G does not cross 1 inside the data.
+gamma depends on the FLOP convention (F -> kF multiplies gamma by k**(-delta_beta)); delta_beta does
+not, for one constant factor k.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -34,13 +41,25 @@ from .io import FitData
 from .isoflop import snap_budgets
 from .powerlaw import line_fits
 
-CONVERGING, DIVERGING, NO_CHANGE, INSUFFICIENT, NO_INTERVAL = (
+CONVERGING, DIVERGING, NO_CHANGE, INSUFFICIENT, NO_INTERVAL, CROSSED, CONSTANT = (
     "converging",
     "diverging",
     "no significant change",
     "insufficient data",
     "no interval (n_boot=0)",
+    "crossed parity at F* (inside the data)",
+    "metric constant across models",
 )
+
+
+def constant_rows(values: np.ndarray, rtol: float = 1e-9) -> np.ndarray:
+    """(G, M) -> (G,) bool: rows whose finite values do not vary (spread <= rtol * |mean|)."""
+    v = np.where(np.isfinite(values), values, np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+        spread = np.nanmax(v, axis=-1) - np.nanmin(v, axis=-1)
+        scale = np.abs(np.nanmean(v, axis=-1))
+    return np.asarray(spread <= rtol * np.maximum(scale, 1e-300))
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +76,7 @@ class ErrorMatrix:
     flop_convention: str
     metric: str = "error"
     transform: str = "identity"
+    group_dataset: tuple[str, ...] | None = None  # dataset of each group when there are several
 
     def subset(self, models: np.ndarray) -> ErrorMatrix:
         m = np.asarray(models, dtype=int)
@@ -76,8 +96,19 @@ class ErrorMatrix:
         return self.subset(np.array([i for i, m in enumerate(self.model_ids) if m in wanted], dtype=int))
 
     def pooled(self) -> np.ndarray:
-        """Per-model mean error over all groups (the 'pooled' baseline)."""
+        """Per-model mean error over all groups (the 'pooled' baseline of a single dataset)."""
         return np.nanmean(self.errors, axis=0)
+
+    def pooled_rows(self, rows: Sequence[int] | None = None) -> np.ndarray:
+        """(R, M) pooled baseline of each group at index `rows`: the per-model mean error over the
+        groups of the same dataset (so a baseline never mixes eval sets), over all groups otherwise."""
+        rows = np.arange(len(self.groups)) if rows is None else np.asarray(rows, dtype=int)
+        if self.group_dataset is None:
+            return np.broadcast_to(self.pooled(), (rows.size, self.errors.shape[1])).copy()
+        datasets = np.array(self.group_dataset)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a model with no error in one dataset
+            return np.stack([np.nanmean(self.errors[datasets == datasets[r]], axis=0) for r in rows])
 
     def with_flops(self, flops: np.ndarray, convention: str) -> ErrorMatrix:
         """The same errors against FLOPs in another convention (e.g. flops_train instead of flops_marin)."""
@@ -116,6 +147,10 @@ def error_matrix(data: FitData | pd.DataFrame, *, flop_convention: str | None = 
         )
     wide = frame.pivot(index="group", columns="model_id", values="error")
     wide = wide.reindex(columns=models["model_id"]).sort_index()
+    group_dataset = None
+    if "dataset" in frame.columns and frame["dataset"].nunique() > 1:
+        owner = frame.groupby("group")["dataset"].first().astype(str)
+        group_dataset = tuple(owner.loc[wide.index])
     return ErrorMatrix(
         groups=tuple(wide.index.astype(str)),
         model_ids=tuple(models["model_id"]),
@@ -127,6 +162,7 @@ def error_matrix(data: FitData | pd.DataFrame, *, flop_convention: str | None = 
         flop_convention=convention,
         metric=metric,
         transform=transform,
+        group_dataset=group_dataset,
     )
 
 
@@ -266,6 +302,15 @@ def fit_group_laws(
             f"groups {np.array(em.groups)[few].tolist()[:20]} have fewer than {min_models} "
             "models with an error; their laws are NaN",
         )
+    constant = constant_rows(np.where(mask, y, np.nan)) & ~few
+    if constant.any():
+        warn(
+            DroppedDataWarning,
+            "the metric does not vary across models for groups "
+            f"{np.array(em.groups)[constant].tolist()[:20]} "
+            "(e.g. a constant predictor): no scaling law can be estimated for them; their laws are NaN",
+        )
+        few = few | constant
     counts = _bootstrap_counts(x.size, n_boot, seed)
     n_groups = len(em.groups)
     nan2 = np.full((n_groups, 2), np.nan)
@@ -476,14 +521,22 @@ class RelativeLaws:
         return out
 
 
-def _verdict(log_gamma, delta_beta, lo, hi, log_f_ref, n_boot):
-    log_ratio_ref = log_gamma + delta_beta * log_f_ref
+def _verdict(log_gamma, delta_beta, lo, hi, log_f_min, log_f_max, n_boot, constant=None):
+    """Verdict per group (see the module docstring for the rule); returns (verdict, converging,
+    crossed, ln G at the largest sampled compute)."""
+    log_ratio_ref = log_gamma + delta_beta * log_f_max
+    log_ratio_min = log_gamma + delta_beta * log_f_min
     converging = np.sign(log_ratio_ref) * delta_beta < 0
+    # G(F) = 1 inside [F_min, F_max]: the fitted line changes sign (or touches 1) over the data.
+    crossed = (np.sign(log_ratio_min) != np.sign(log_ratio_ref)) & (delta_beta != 0)
     verdict = np.where(converging, CONVERGING, DIVERGING).astype(object)
+    verdict[crossed] = CROSSED
     verdict[(lo <= 0) & (hi >= 0)] = NO_CHANGE
     verdict[~np.isfinite(lo) | ~np.isfinite(hi)] = NO_INTERVAL if n_boot == 0 else INSUFFICIENT
-    verdict[~np.isfinite(delta_beta)] = INSUFFICIENT
-    return verdict, converging, log_ratio_ref
+    if constant is not None:
+        verdict[constant] = CONSTANT
+    verdict[~np.isfinite(delta_beta) & (verdict != CONSTANT)] = INSUFFICIENT
+    return verdict, converging, crossed, log_ratio_ref
 
 
 def relative_power_laws(
@@ -574,21 +627,34 @@ def fit_relative_laws(
     if not targets:
         raise DataError("no target group to compare with the baseline")
     rows = np.array([em.groups.index(t) for t in targets])
-    base = em.pooled() if baseline == "pooled" else em.errors[em.groups.index(baseline)]
+    base = em.pooled_rows(rows) if baseline == "pooled" else em.errors[em.groups.index(baseline)]
     x = np.log(em.flops)
     with np.errstate(divide="ignore", invalid="ignore"):
         yt, yb = np.log(em.errors[rows]), np.log(base)
     core = relative_power_laws(x, yt, yb, n_boot=n_boot, seed=seed, level=level, small_sample=small_sample)
-    few = core["n_models"] < min_models
+    mask = np.isfinite(yt) & np.isfinite(np.broadcast_to(yb, yt.shape))
+    distinct_f = np.array([np.unique(x[m]).size for m in mask])
+    few = (core["n_models"] < min_models) | (distinct_f < 3)
+    # A metric that does not vary across models (a constant predictor) has no scaling law: its
+    # "fit" is exact and its interval zero-width, which is not a result.
+    constant = (constant_rows(np.where(mask, yt, np.nan)) | constant_rows(np.where(mask, yb, np.nan))) & ~few
+    blank = few | constant
     for key in ("log_gamma", "delta_beta", "beta_target"):
-        core[key] = np.where(few, np.nan, core[key])
+        core[key] = np.where(blank, np.nan, core[key])
     for key in ("draws_log_gamma", "draws_delta_beta", "draws_beta_target"):
-        core[key] = np.where(few[:, None], np.nan, core[key])
+        core[key] = np.where(blank[:, None], np.nan, core[key])
     if few.any():
         warn(
             DroppedDataWarning,
-            f"targets {np.array(targets)[few].tolist()[:20]} share fewer than {min_models} "
-            "models with the baseline; their laws are NaN",
+            f"targets {np.array(targets)[few].tolist()[:20]} share fewer than {min_models} models "
+            "(or fewer than 3 distinct compute values) with the baseline; their laws are not estimated",
+        )
+    if constant.any():
+        warn(
+            DroppedDataWarning,
+            f"the metric does not vary across models for targets {np.array(targets)[constant].tolist()[:20]}"
+            f"{' or the baseline' if baseline != 'pooled' else ''} (e.g. a constant predictor): "
+            "no relative law can be estimated for them",
         )
 
     log_gamma, delta_beta = core["log_gamma"], core["delta_beta"]
@@ -596,16 +662,23 @@ def fit_relative_laws(
     g_lo, g_hi = percentile_interval(np.exp(core["draws_log_gamma"]), level)
     bt_lo, bt_hi = percentile_interval(core["draws_beta_target"], level)
     log_f_ref = float(x.max())
-    verdict, converging, log_ratio_ref = _verdict(log_gamma, delta_beta, db_lo, db_hi, log_f_ref, n_boot)
+    verdict, converging, crossed, log_ratio_ref = _verdict(
+        log_gamma, delta_beta, db_lo, db_hi, float(x.min()), log_f_ref, n_boot, constant
+    )
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        parity = np.where(converging & (verdict == CONVERGING), np.exp(-log_gamma / delta_beta), np.nan)
+        has_parity = (verdict == CONVERGING) | (verdict == CROSSED)
+        parity = np.where(has_parity, np.exp(-log_gamma / delta_beta), np.nan)
         dg, dd = core["draws_log_gamma"], core["draws_delta_beta"]
         draw_conv = np.sign(dg + dd * log_f_ref) * dd < 0
+        # Converging: draws that never reach parity beyond F_max count as +inf. Crossed: every
+        # draw's own crossing point (a draw with a flat G never crosses: +inf).
         log_parity_draws = np.where(draw_conv, -dg / dd, np.inf)
+        crossing_draws = np.where(dd != 0, -dg / dd, np.inf)
+        log_parity_draws = np.where((verdict == CROSSED)[:, None], crossing_draws, log_parity_draws)
         log_parity_draws = np.where(np.isnan(dd), np.nan, log_parity_draws)
     p_lo, p_hi = percentile_interval(log_parity_draws, level)
     with np.errstate(over="ignore"):  # a parity beyond ~1e308 FLOPs is "never" anyway
-        parity_ci = np.where((verdict == CONVERGING)[:, None], np.exp(np.stack([p_lo, p_hi], -1)), np.nan)
+        parity_ci = np.where(has_parity[:, None], np.exp(np.stack([p_lo, p_hi], -1)), np.nan)
 
     project_at = np.asarray(project_at, dtype=float).reshape(-1)
     log_p = np.log(project_at)

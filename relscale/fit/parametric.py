@@ -317,7 +317,7 @@ def _optimum_outside_range(theta: np.ndarray, n: np.ndarray, d: np.ndarray, k: f
     _, _, _, _, _, g, a_opt, _ = _derived(theta)
     if not np.isfinite(g):
         return ()
-    budgets = snap_budgets(k * n * d)
+    budgets = snap_budgets(k * n * d, report=False)
     outside = []
     for c in np.unique(budgets):
         members = n[budgets == c]

@@ -18,9 +18,18 @@ import pandas as pd
 from relscale.atomic import atomic_write_text
 from relscale.errors import DataError
 
-from .io import FLOP_NOTE, FitData, from_table, load
+from .diagnostics import FitWarning
+from .io import FitData, flop_note, from_table, load
 from .isoflop import IsoFlopResult, fit_isoflop
-from .laws import ErrorMatrix, GroupLaws, RelativeLaws, error_matrix, fit_group_laws, fit_relative_laws
+from .laws import (
+    ErrorMatrix,
+    GroupLaws,
+    RelativeLaws,
+    constant_rows,
+    error_matrix,
+    fit_group_laws,
+    fit_relative_laws,
+)
 from .parametric import DERIVED_NAMES, ParametricFit, fit_parametric
 
 WHAT = ("isoflop", "parametric", "groups", "relative")
@@ -36,6 +45,8 @@ class FitReport:
     skipped: dict[str, str] = field(default_factory=dict)  # fit -> why it was not run
     files: tuple[Path, ...] = ()
     summary: str = ""
+    warnings: tuple[str, ...] = ()  # every FitWarning raised by the fits, once each, in words
+    out_dir: Path | None = None
 
 
 def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
@@ -67,31 +78,57 @@ def _fmt_ci(lo: float, hi: float, fmt: str = ".3f") -> str:
     return f"[{lo:{fmt}}, {hi:{fmt}}]"
 
 
+def _n_text(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
+
+
 def summary_table(rel: RelativeLaws | None, groups: GroupLaws | None = None) -> pd.DataFrame:
-    """group, beta, delta_beta with interval, verdict: the table `relscale demo` shows."""
+    """group, n (models behind each law), beta, delta_beta with interval, verdict, parity F* with its
+    interval: the table `relscale fit` and `relscale demo` print."""
     if rel is not None:
+        level = f"{int(rel.level * 100)}% CI"
+        parity = []
+        for p, (lo, hi) in zip(rel.parity_flops, rel.parity_ci):
+            parity.append(f"{p:.2e} [{lo:.2e}, {hi:.2e}]" if np.isfinite(p) else "")
         return pd.DataFrame(
             {
                 "group": rel.groups,
-                "beta": [f"{b:.3f}" for b in rel.beta],
-                "delta_beta": [f"{d:+.3f}" for d in rel.delta_beta],
-                f"{int(rel.level * 100)}% CI": [_fmt_ci(lo, hi, "+.3f") for lo, hi in rel.delta_beta_ci],
+                "n": rel.n_models,
+                "beta": [f"{b:.3f}" if np.isfinite(b) else "-" for b in rel.beta],
+                "delta_beta": [f"{d:+.3f}" if np.isfinite(d) else "-" for d in rel.delta_beta],
+                level: [
+                    _fmt_ci(lo, hi, "+.3f") if np.isfinite(lo) and np.isfinite(hi) else "-"
+                    for lo, hi in rel.delta_beta_ci
+                ],
                 "verdict": rel.verdict,
-                "parity F*": [f"{p:.2e}" if np.isfinite(p) else "" for p in rel.parity_flops],
+                f"parity F* [{level}]": parity,
             }
         )
     if groups is not None:
         return pd.DataFrame(
             {
                 "group": groups.groups,
-                "beta": [f"{b:.3f}" for b in groups.beta],
-                f"{int(groups.level * 100)}% CI": [_fmt_ci(lo, hi) for lo, hi in groups.beta_ci],
+                "n": groups.n_models,
+                "beta": [f"{b:.3f}" if np.isfinite(b) else "-" for b in groups.beta],
+                f"{int(groups.level * 100)}% CI": [
+                    _fmt_ci(lo, hi) if np.isfinite(lo) else "-" for lo, hi in groups.beta_ci
+                ],
             }
         )
     return pd.DataFrame()
 
 
+def _law_text(law, n_budgets: int, flag: str | None) -> str:
+    interval = (
+        _fmt_ci(*law.exponent_ci) if np.all(np.isfinite(law.exponent_ci)) else "(no interval)"
+    )
+    text = f"C^{law.exponent:.3f} {interval} from {_n_text(n_budgets, 'budget')}"
+    return text + (f" -- NOT A RESULT: {flag}" if flag else "")
+
+
 def format_summary(report: FitReport) -> str:
+    """The printed report: data, IsoFLOP frontier, approach 3, the relative-law table, warnings in
+    words (each once), what was skipped, where the tables went, and the FLOP convention."""
     lines = []
     data = report.data
     lines.append(
@@ -99,56 +136,66 @@ def format_summary(report: FitReport) -> str:
         f"metric {data.metric}, transform {data.transform}; F in {data.flop_convention}"
     )
     iso = report.isoflop
-    if iso is not None and iso.n_opt_law is not None:
-        law = iso.n_opt_law
-        lines.append(
-            f"IsoFLOP: N* = {law.coef:.3g} C^{law.exponent:.3f} {_fmt_ci(*law.exponent_ci)} "
-            f"(C in {iso.budget_convention})"
-        )
-    if iso is not None and (iso.any_edge or iso.any_concave):
-        edge = [f"{b.budget:.3g}" for b in iso.budgets if b.at_edge]
-        concave = [f"{b.budget:.3g}" for b in iso.budgets if b.concave]
-        lines.append(
-            f"  warning: IsoFLOP minima at the sampled edge at {edge}; parabolas opening down at {concave}"
-        )
+    if iso is not None:
+        flag = iso.frontier_flag
+        if iso.n_opt_law is not None:
+            lines.append(
+                f"IsoFLOP frontier (C in {iso.budget_convention}): N* = {iso.n_opt_law.coef:.3g} "
+                + _law_text(iso.n_opt_law, iso.n_opt_law.n_points, flag)
+            )
+            if iso.d_opt_law is not None:
+                d_law = iso.d_opt_law
+                lines.append(f"  D* = {d_law.coef:.3g} " + _law_text(d_law, d_law.n_points, flag))
+        else:
+            n_min = _n_text(len(iso.frontier_budgets), "budget")
+            lines.append(f"IsoFLOP: no frontier ({n_min} with a minimum)")
+        from .isoflop import _budget_flag
+
+        for b in iso.budgets:
+            why = _budget_flag(b)
+            if why:
+                lines.append(f"  budget {b.budget:.3g} ({b.n_points} models): {why}")
     if report.parametric is not None:
         p = report.parametric
         ci = p.ci.get("alpha", (np.nan, np.nan)), p.ci.get("beta", (np.nan, np.nan))
         lines.append(
-            f"Approach 3: E={p.E:.4g} A={p.A:.4g} B={p.B:.4g} alpha={p.alpha:.4f} {_fmt_ci(*ci[0])} "
-            f"beta={p.beta:.4f} {_fmt_ci(*ci[1])} objective={p.objective:.4g} converged={p.converged}"
+            f"Approach 3 ({p.n_points} models): E={p.E:.4g} A={p.A:.4g} B={p.B:.4g} alpha={p.alpha:.4f} "
+            f"{_fmt_ci(*ci[0])} beta={p.beta:.4f} {_fmt_ci(*ci[1])} objective={p.objective:.4g} "
+            f"converged={p.converged}"
         )
         if p.at_bound:
-            lines.append(f"  warning: approach-3 parameters {list(p.at_bound)} ended on their bounds")
-        if p.optimum_outside_range:
-            lines.append(
-                "  warning: implied N_opt outside the sampled sizes at compute "
-                f"{[f'{c:.3g}' for c in p.optimum_outside_range]}"
-            )
-    for laws in (report.groups, report.relative):
-        if laws is not None and laws.edge_budgets:
-            lines.append(
-                "  warning: the selected compute-optimal model is the smallest or largest sampled at "
-                f"budgets {[f'{b:.3g}' for b in laws.edge_budgets]}"
-            )
-            break
+            lines.append(f"  approach-3 parameters {list(p.at_bound)} ended on their bounds")
     table = summary_table(report.relative, report.groups)
     if not table.empty:
         if report.relative is not None:
             r = report.relative
             lines.append(
-                f"Relative laws against baseline '{r.baseline}' ({r.selection} models, "
-                f"{r.n_boot} paired-bootstrap draws, seed {r.seed}):"
+                f"Relative laws G(F) = E_group / E_{r.baseline} against baseline '{r.baseline}' "
+                f"({r.selection} models, n = models behind each law, {r.n_boot} paired-bootstrap draws, "
+                f"seed {r.seed}; F from {r.flop_range[0]:.3g} to {r.flop_range[1]:.3g}):"
             )
         lines.append(table.to_string(index=False))
+    if report.warnings:
+        lines.append("warnings:")
+        lines += [f"  - {w}" for w in report.warnings]
     for what, why in report.skipped.items():
         lines.append(f"skipped {what}: {why}")
-    lines.append(FLOP_NOTE)
+    if report.out_dir is None:
+        lines.append(
+            "(no --out given: nothing was written; add --out DIR for the CSV/Markdown tables and figures)"
+        )
+    else:
+        lines.append(f"tables and figures: {report.out_dir}/")
+    lines.append(flop_note(data.flop_convention))
+    if iso is not None and iso.budget_convention != data.flop_convention:
+        lines.append(f"IsoFLOP budgets C are {iso.budget_convention}.")
     return "\n".join(lines)
 
 
 def _can_isoflop(data: FitData) -> str | None:
     frame = data.per_model()
+    if constant_rows(frame["loss"].to_numpy(float)[None])[0]:
+        return "the loss does not vary across models"
     budget = frame["budget"].to_numpy(float)
     if not np.isfinite(budget).all():
         return None  # budgets will be snapped from flops; fit_isoflop decides
@@ -163,8 +210,12 @@ def run_fit(
     kind: str = "auto",
     metric: str = "bpb",
     transform: str | None = None,
-    flops: str = "flops_marin",
+    flops: str | None = None,
     columns: Mapping[str, str] | None = None,
+    wide: str | Sequence[str] | None = None,
+    where: str | None = None,
+    budget_convention: str | None = None,
+    declared_budgets: Sequence[float] | None = None,
     baseline: str = "pooled",
     grouping: str | None = None,
     targets: Sequence[str] | None = None,
@@ -185,20 +236,67 @@ def run_fit(
     overwrite: bool = False,
     echo: Callable[[str], None] | None = print,
 ) -> FitReport:
-    """Run the fits named in `what` ('all' or any of isoflop, parametric, groups, relative)."""
+    """Run the fits named in `what` ('all' or any of isoflop, parametric, groups, relative).
+
+    Inputs: see io.load (flops, columns, wide, where, budget_convention). Every FitWarning the fits
+    raise is collected, de-duplicated and listed in words in the summary and in FitReport.warnings,
+    then re-emitted once each. Raises DataError (the CLI exits 2) on unusable input.
+    """
     wanted = set(WHAT) if what == "all" else ({what} if isinstance(what, str) else set(what))
     unknown = wanted - set(WHAT)
     if unknown:
         raise DataError(f"unknown fit(s) {sorted(unknown)}; choose from {WHAT} or 'all'")
     explicit = what != "all"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FitWarning)
+        report, em = _run_fits(
+            source, wanted=wanted, explicit=explicit, kind=kind, metric=metric, transform=transform,
+            flops=flops, columns=columns, wide=wide, where=where, budget_convention=budget_convention,
+            declared_budgets=declared_budgets, baseline=baseline, grouping=grouping, targets=targets,
+            select=select, optimal_by=optimal_by, irreducible=irreducible, isoflop_var=isoflop_var,
+            isoflop_group=isoflop_group, robust=robust, n_boot=n_boot, parametric_boot=parametric_boot,
+            parametric_starts=parametric_starts, seed=seed, level=level, project_at=project_at,
+            out_dir=out_dir, overwrite=overwrite,
+        )
+    messages: dict[str, type[Warning]] = {}
+    for w in caught:
+        if issubclass(w.category, FitWarning):
+            messages.setdefault(str(w.message), w.category)
+        else:  # not ours: pass it on untouched
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    report = replace(report, warnings=tuple(messages))
+    out = report.out_dir
+    files: list[Path] = []
+    if out is not None:
+        files = _write_outputs(report, em, out, plots)
+    summary = format_summary(report)
+    if out is not None:
+        files.append(_write_text(out / "summary.txt", summary + "\n"))
+    report = replace(report, files=tuple(files), summary=summary)
+    for message, category in messages.items():
+        warnings.warn(message, category, stacklevel=2)
+    if echo is not None:
+        echo(summary)
+    return report
+
+
+def _run_fits(
+    source, *, wanted, explicit, kind, metric, transform, flops, columns, wide, where, budget_convention,
+    declared_budgets, baseline, grouping, targets, select, optimal_by, irreducible, isoflop_var,
+    isoflop_group, robust, n_boot, parametric_boot, parametric_starts, seed, level, project_at, out_dir,
+    overwrite,
+) -> tuple[FitReport, ErrorMatrix]:
     if isinstance(source, FitData):
         data = source
     elif isinstance(source, pd.DataFrame):
-        data = from_table(source, columns=columns, transform=transform or "identity")
+        data = from_table(
+            source, columns=columns, transform=transform or "identity", wide=wide, where=where,
+            budget_convention=budget_convention,
+        )
     else:
         data = load(
             source, kind=kind, metric=metric, transform=transform, flops=flops, columns=columns,
-            grouping=grouping,
+            grouping=grouping, wide=wide, where=where, budget_convention=budget_convention,
         )
 
     out = Path(out_dir) if out_dir is not None else None
@@ -235,12 +333,15 @@ def run_fit(
             n_boot=n_boot,
             seed=seed,
             level=level,
+            declared_budgets=None if declared_budgets is None else np.asarray(declared_budgets, float),
         ),
     )
     per_model = data.per_model(isoflop_group)
     few_points = (
         "needs at least 5 models with distinct params and tokens"
         if (per_model[["params", "tokens"]].drop_duplicates().shape[0] < 5)
+        else "the loss does not vary across models"
+        if constant_rows(per_model["loss"].to_numpy(float)[None])[0]
         else None
     )
     attempt(
@@ -293,17 +394,9 @@ def run_fit(
         groups=results.get("groups"),
         relative=results.get("relative"),
         skipped=skipped,
+        out_dir=out,
     )
-    files: list[Path] = []
-    if out is not None:
-        files = _write_outputs(report, em, out, plots)
-    summary = format_summary(report)
-    if out is not None:
-        files.append(_write_text(out / "summary.txt", summary + "\n"))
-    report = replace(report, files=tuple(files), summary=summary)
-    if echo is not None:
-        echo(summary)
-    return report
+    return report, em
 
 
 _OUTPUT_STEMS = {
@@ -342,10 +435,11 @@ def _parametric_frame(p: ParametricFit) -> pd.DataFrame:
 
 def _write_outputs(report: FitReport, em: ErrorMatrix, out: Path, plots: bool) -> list[Path]:
     conv = report.data.flop_convention
-    note = f"F / C in the {conv} convention. {FLOP_NOTE}"
+    note = flop_note(conv)
     files: list[Path] = []
     if report.isoflop is not None:
-        iso_note = f"Budgets C in the {report.isoflop.budget_convention} convention. {FLOP_NOTE}"
+        conv_c = report.isoflop.budget_convention
+        iso_note = f"Budgets C: {conv_c}. " + flop_note(conv_c)
         files += _write_table(report.isoflop.table(), out, "isoflop_budgets", iso_note)
         files += _write_table(report.isoflop.laws_table(), out, "isoflop_laws", iso_note)
     if report.parametric is not None:
@@ -370,7 +464,7 @@ def _write_outputs(report: FitReport, em: ErrorMatrix, out: Path, plots: bool) -
             if not np.isfinite(points["budget"]).all():
                 from .isoflop import snap_budgets
 
-                points = points.assign(budget=snap_budgets(points["flops"].to_numpy(float)))
+                points = points.assign(budget=snap_budgets(points["flops"].to_numpy(float), report=False))
             figures.append((P.plot_isoflop(report.isoflop, points), "isoflop"))
         if report.groups is not None:
             figures.append((P.plot_group_laws(report.groups, em), "group_laws_plot"))
