@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from relscale.data.dataset import PreparedData
     from relscale.data.prepare import prepare
 
+    _check_flags(args)
     if args.verify:
         n_files = PreparedData(args.verify).verify()
         print(f"{args.verify}: OK ({n_files} files match their sha256)")
@@ -110,3 +111,20 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
     )
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse impossible flag values by flag name (DataError: one line, exit status 2)."""
+    from relscale.data.tokenizer import MIN_VOCAB_SIZE
+
+    if args.vocab_size is not None and args.vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"--vocab-size: {args.vocab_size} is too small; a byte-level BPE needs at least "
+                        f"{MIN_VOCAB_SIZE} (256 bytes + EOS)")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise DataError(f"--val-fraction: {args.val_fraction} must be in [0, 1)")
+    for flag, value in (("--shard-tokens", args.shard_tokens), ("--num-proc", args.num_proc),
+                        ("--max-docs", args.max_docs)):
+        if value is not None and value < 1:
+            raise DataError(f"{flag}: {value} must be >= 1")
+    if args.verify and args.sources:
+        raise DataError("--verify DIR takes no SOURCE arguments")

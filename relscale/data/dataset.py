@@ -48,10 +48,16 @@ def read_manifest(data_dir: Path) -> dict:
 class TokenStream:
     """A split's shards seen as one flat token sequence; slices are read without loading shards."""
 
-    def __init__(self, shards: list[np.ndarray], dtype: np.dtype):
+    def __init__(self, shards: list[np.ndarray], dtype: np.dtype, names: list[str] | None = None):
         self.shards = shards
         self.dtype = dtype
         self.bounds = np.cumsum([0, *(len(shard) for shard in shards)])
+        self.names = names if names is not None else [f"shard {i}" for i in range(len(shards))]
+
+    def shard_name(self, position: int) -> str:
+        """The file (or label) of the shard holding stream position ``position``."""
+        shard = int(np.searchsorted(self.bounds, position, side="right")) - 1
+        return self.names[min(max(shard, 0), len(self.names) - 1)]
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
@@ -175,7 +181,8 @@ class PreparedData:
         """The split's shards as one flat, sliceable stream (memory maps opened once per split)."""
         cache = self.__dict__.setdefault("_stream_cache", {})
         if split not in cache:
-            cache[split] = TokenStream(self.shards(split), self.dtype)
+            names = [str(self.data_dir / split / shard["file"]) for shard in self.split_info(split)["shards"]]
+            cache[split] = TokenStream(self.shards(split), self.dtype, names)
         return cache[split]
 
     def tokens(self, split: str) -> np.ndarray:

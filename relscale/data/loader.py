@@ -175,10 +175,23 @@ class SequenceLoader:
         return self.permutation(epoch)[first : first + self.micro_batch]
 
     def read_windows(self, window_ids: np.ndarray) -> np.ndarray:
+        """Token windows (len(window_ids), seq_len + 1). Raises DataError naming the shard when a
+        token id is outside the vocabulary (a shard corrupted on disk), instead of an IndexError
+        deep in the embedding."""
         span = self.seq_len + 1
-        return np.stack(
+        windows = np.stack(
             [self.stream.read(int(w) * self.seq_len, int(w) * self.seq_len + span) for w in window_ids]
         )
+        vocab = self.data.vocab_size
+        if windows.size and int(windows.max()) >= vocab:
+            row, column = np.argwhere(windows >= vocab)[0]
+            position = int(window_ids[row]) * self.seq_len + int(column)
+            raise DataError(
+                f"{self.stream.shard_name(position)}: token id {int(windows[row, column])} at stream "
+                f"position {position} is outside the vocabulary of {vocab} (the shard is corrupted; "
+                f"`relscale prepare --verify {self.data.data_dir}` names it, `--force` rebuilds it)"
+            )
+        return windows
 
     def next_batch(self) -> Batch:
         windows = self.read_windows(self.window_ids(self.epoch, self.step, self.micro))

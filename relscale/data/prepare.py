@@ -40,6 +40,7 @@ from relscale.data.dataset import FORMAT_VERSION, INDEX_FILE, MANIFEST, TOKENIZE
 from relscale.data.sources import Source, sha256_file
 from relscale.data.tokenizer import (
     EOS_TOKEN,
+    MIN_VOCAB_SIZE,
     BatchEncoder,
     dtype_for_vocab,
     eos_id_of,
@@ -111,6 +112,9 @@ def prepare(
         raise DataError(f"max_docs={max_docs} must be >= 1")
     if tokenizer is not None and vocab_size is not None:
         raise DataError("give a tokenizer file or a vocab_size to train one, not both")
+    if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:  # 0 must not mean "the default"
+        raise DataError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
+                        f"{MIN_VOCAB_SIZE} (256 bytes + EOS)")
 
     resolved = sources_mod.resolve_sources(list(sources) if sources else None)
     defaults = sources_mod.default_fields(resolved)
@@ -199,7 +203,9 @@ def _check_existing(out_dir: Path, input_sha256: str, options: dict, force: bool
             f"{out_dir} was prepared differently: {'; '.join(conflicts)}. Use --force to overwrite "
             "it, or choose another --out"
         )
-    PreparedData(out_dir)  # size check: a damaged folder is reported (use --force), not called up to date
+    # Sizes and sha256 of every file: a shard damaged in place (same size) is reported, naming
+    # it (use --force), not called up to date.
+    PreparedData(out_dir, verify=True)
     return old
 
 
