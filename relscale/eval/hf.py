@@ -20,11 +20,18 @@ model.norm.weight                          norm.weight
 lm_head.weight                             output.weight (absent when tied)
 =========================================  ===============================
 
-Features the decoder does not have are rejected with an error naming the config key: RoPE
-scaling other than none/default, attention or MLP biases, sliding-window attention, activations
-other than SiLU. Export writes our checkpoints in the same format (a Qwen3 config when the model
-has QK-norm, else Llama), plus the tokenizer and ``relscale_meta.json`` (training tokens, FLOPs)
-so a round trip keeps what the eval dumps need.
+RoPE: plain (``default``) and Llama 3.1's ``llama3`` frequency scaling are read from either
+spelling transformers writes -- ``rope_theta`` + ``rope_scaling`` (transformers 4, and Levanter's
+exports of the released checkpoints) or ``rope_parameters`` (transformers 5) -- into
+``ModelConfig.rope_theta`` / ``rope_scaling``; export writes both spellings. Features the decoder
+does not have are rejected with an error naming the config key: other RoPE types (linear, yarn,
+...), ``partial_rotary_factor`` != 1, attention or MLP biases, sliding-window attention,
+activations other than SiLU. Shard files named by ``model.safetensors.index.json`` must lie in
+the model folder (a name like ``../../x.safetensors``, an absolute path or a symlink out of it is
+refused; the Hugging Face cache's own ``snapshots/<rev>/ -> ../../blobs/`` links are allowed).
+Export writes our checkpoints in the same format (a Qwen3 config when the model has QK-norm,
+else Llama), plus the tokenizer and ``relscale_meta.json`` (training tokens, FLOPs) so a round
+trip keeps what the eval dumps need.
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from relscale.config import ModelConfig
-from relscale.errors import DataError
+from relscale.atomic import atomic_write as atomic_write_with
+from relscale.atomic import atomic_write_text
+from relscale.config import ModelConfig, RopeScalingConfig
+from relscale.errors import ConfigError, DataError
 from relscale.model import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
@@ -81,22 +90,131 @@ def _family(hf: dict[str, Any], where: str) -> str:
     )
 
 
-def _rope_theta(hf: dict[str, Any], where: str) -> float:
-    """rope_theta from the v4 (``rope_theta`` + ``rope_scaling``) or v5 (``rope_parameters``) keys."""
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_table(hf: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:
+    """The flat RoPE table under ``key`` (``rope_scaling`` or ``rope_parameters``), or None.
+
+    transformers 5 may nest ``rope_parameters`` by layer type; only ``full_attention`` exists
+    in the decoder (other layer types are refused by the ``layer_types`` check)."""
+    table = hf.get(key)
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise DataError(f"{where}: {key}={table!r} is not supported (expected a table)")
+    if isinstance(table.get("full_attention"), dict):
+        others = sorted(k for k in table if k != "full_attention")
+        if others:
+            raise DataError(f"{where}: {key} has RoPE tables for {others}; only full_attention is supported")
+        return table["full_attention"]
+    return table
+
+
+def _rope_of_table(
+    table: dict[str, Any], key: str, hf: dict[str, Any], where: str
+) -> tuple[float | None, RopeScalingConfig]:
+    """(rope_theta if the table states one, scaling) of one RoPE table; refuses unknown types."""
+    rope_type = table.get("rope_type", table.get("type", "default"))
+    theta = table.get("rope_theta")
+    if theta is not None and (not isinstance(theta, int | float) or isinstance(theta, bool)):
+        raise DataError(f"{where}: {key}.rope_theta={theta!r} is not a number")
+    partial = table.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise DataError(
+            f"{where}: {key}.partial_rotary_factor={partial!r} is not supported (RoPE on the whole head)"
+        )
+    if rope_type in (None, "default"):
+        return theta, RopeScalingConfig()
+    if rope_type != "llama3":
+        raise DataError(
+            f"{where}: {key}.rope_type={rope_type!r} is not supported (supported: default, llama3)"
+        )
+    values: dict[str, Any] = {}
+    for name in LLAMA3_KEYS:
+        value = table.get(name)
+        if value is None and name == "original_max_position_embeddings":
+            value = hf.get("max_position_embeddings")  # transformers' fallback for llama3
+        if value is None:
+            raise DataError(f"{where}: {key}.{name} missing (required for rope_type 'llama3')")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise DataError(f"{where}: {key}.{name}={value!r} is not a number")
+        values[name] = value
+    if float(values["original_max_position_embeddings"]) != int(values["original_max_position_embeddings"]):
+        raise DataError(
+            f"{where}: {key}.original_max_position_embeddings="
+            f"{values['original_max_position_embeddings']!r} is not an integer"
+        )
+    scaling = RopeScalingConfig(
+        type="llama3",
+        factor=float(values["factor"]),
+        low_freq_factor=float(values["low_freq_factor"]),
+        high_freq_factor=float(values["high_freq_factor"]),
+        original_max_position_embeddings=int(values["original_max_position_embeddings"]),
+    )
+    try:
+        scaling.validate(key)
+    except ConfigError as err:
+        raise DataError(f"{where}: {err}") from err
+    return theta, scaling
+
+
+def read_rope(hf: dict[str, Any], where: str = "config.json") -> tuple[float, RopeScalingConfig]:
+    """``(rope_theta, rope_scaling)`` of a Hugging Face config, in either spelling.
+
+    transformers 4 (and Levanter's exports) write ``rope_theta`` and ``rope_scaling``
+    (``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192}``; older files say ``type``); transformers 5 writes
+    ``rope_parameters`` holding the type, its parameters and ``rope_theta``. When a file has both
+    they must agree (transformers 4 reads only the first, 5 prefers ``rope_scaling``), else the
+    checkpoint means different models to different readers and is refused. Defaults follow
+    transformers: theta 10000, ``original_max_position_embeddings`` = ``max_position_embeddings``.
+
+    Raises DataError naming the key for an unknown ``rope_type`` (linear, yarn, dynamic, ...),
+    a missing llama3 parameter, ``partial_rotary_factor`` != 1, or disagreeing spellings.
+    """
+    found: dict[str, tuple[float | None, RopeScalingConfig]] = {}
     for key in ("rope_scaling", "rope_parameters"):
-        params = hf.get(key)
-        if params is None:
-            continue
-        if not isinstance(params, dict):
-            raise DataError(f"{where}: {key}={params!r} is not supported (expected a table)")
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type not in (None, "default"):
-            raise DataError(
-                f"{where}: {key}.rope_type={rope_type!r} is not supported (only unscaled RoPE: none/default)"
-            )
-    params = hf.get("rope_parameters") or {}
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
-    return float(theta)
+        table = _rope_table(hf, key, where)
+        if table is not None:
+            found[key] = _rope_of_table(table, key, hf, where)
+    top_theta = hf.get("rope_theta")
+    if top_theta is not None and (not isinstance(top_theta, int | float) or isinstance(top_theta, bool)):
+        raise DataError(f"{where}: rope_theta={top_theta!r} is not a number")
+    thetas = {k: float(v[0]) for k, v in found.items() if v[0] is not None}
+    if top_theta is not None:
+        thetas["rope_theta"] = float(top_theta)
+    if len(set(thetas.values())) > 1:
+        raise DataError(f"{where}: the RoPE base disagrees between keys: {thetas}")
+    scalings = {k: v[1] for k, v in found.items()}
+    if len(scalings) == 2 and scalings["rope_scaling"] != scalings["rope_parameters"]:
+        raise DataError(
+            f"{where}: rope_scaling and rope_parameters disagree ({scalings['rope_scaling']} vs "
+            f"{scalings['rope_parameters']}); transformers 4 and 5 would build different models"
+        )
+    theta = next(iter(thetas.values()), 10000.0)
+    scaling = next(iter(scalings.values()), RopeScalingConfig())
+    return theta, scaling
+
+
+def rope_config_of(cfg: ModelConfig) -> dict[str, Any]:
+    """The RoPE keys of a Hugging Face config for ``cfg``, in both spellings (transformers 4 reads
+    ``rope_theta`` + ``rope_scaling``, 5 reads ``rope_parameters``; both say the same)."""
+    scaling = cfg.rope_scaling
+    if scaling.type == "none":
+        return {
+            "rope_theta": cfg.rope_theta,
+            "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        }
+    if scaling.type != "llama3":  # a new RopeScalingConfig type needs its HF spelling here
+        raise DataError(f"model.rope_scaling.type={scaling.type!r} has no Hugging Face export")
+    table = {"rope_type": "llama3", **{name: getattr(scaling, name) for name in LLAMA3_KEYS}}
+    return {
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(table),
+        "rope_parameters": {**table, "rope_theta": cfg.rope_theta},
+    }
 
 
 def hf_to_model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
@@ -120,6 +238,7 @@ def hf_to_model_config(hf: dict[str, Any], where: str = "config.json") -> ModelC
         if not isinstance(hf.get(key), int):
             raise DataError(f"{where}: {key} missing or not an integer")
     heads = hf["num_attention_heads"]
+    rope_theta, rope_scaling = read_rope(hf, where)
     try:
         cfg = ModelConfig(
             vocab_size=hf["vocab_size"],
@@ -130,7 +249,8 @@ def hf_to_model_config(hf: dict[str, Any], where: str = "config.json") -> ModelC
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             mlp_hidden=hf["intermediate_size"],
             max_seq_len=hf.get("max_position_embeddings") or 4096,
-            rope_theta=_rope_theta(hf, where),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             qk_norm=family == "qwen3",
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -160,23 +280,76 @@ def _name_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
     return pairs
 
 
+INDEX_FILE = "model.safetensors.index.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _allowed_roots(model_dir: Path) -> list[Path]:
+    """Folders a weight file of ``model_dir`` may resolve into: the folder itself and, for a
+    Hugging Face cache snapshot (``models--ORG--NAME/snapshots/REV``), that repository's
+    ``blobs/`` folder, where the snapshot's files are symlinks to."""
+    resolved = model_dir.resolve()
+    roots = [resolved]
+    if model_dir.parent.name == "snapshots" and (model_dir.parent.parent / "blobs").is_dir():
+        roots.append((model_dir.parent.parent / "blobs").resolve())
+    return roots
+
+
+def weight_file(model_dir: Path, name: Any, where: str) -> Path:
+    """``model_dir / name`` for a weight file name from the checkpoint, refused (DataError naming
+    ``where`` and the name) unless it is a relative path that stays in the model folder after
+    following symlinks: an index entry ``../../x.safetensors``, an absolute path or a symlink
+    out of the folder could make us read any file on the machine."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise DataError(f"{where}: shard name {name!r} is not a file name")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise DataError(f"{where}: shard path {name!r} is outside the model folder {model_dir}")
+    path = model_dir / name
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in _allowed_roots(model_dir)):
+        raise DataError(
+            f"{where}: shard path {name!r} leads outside the model folder {model_dir} (to {target})"
+        )
+    if not target.is_file():
+        raise DataError(f"{where}: shard {name!r} missing ({path})")
+    return path
+
+
+def shard_names(model_dir: Path) -> list[str]:
+    """The distinct shard file names of a sharded checkpoint's index, in sorted order.
+
+    Raises DataError naming the index file when it is not JSON or has no ``weight_map`` table."""
+    index = model_dir / INDEX_FILE
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise DataError(f"{index}: not a valid safetensors index ({err})") from err
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise DataError(f"{index}: no weight_map table")
+    names = set(weight_map.values())
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise DataError(f"{index}: shard name {bad[0]!r} is not a file name")
+    return sorted(names)
+
+
 def _load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    index = model_dir / "model.safetensors.index.json"
+    """Every tensor of the checkpoint (single file, or the shards of the index), on the CPU."""
+    index = model_dir / INDEX_FILE
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(model_dir / shard), device="cpu"))
+        for shard in shard_names(model_dir):
+            state.update(load_file(str(weight_file(model_dir, shard, str(index))), device="cpu"))
         return state
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return load_file(str(single), device="cpu")
+    single = model_dir / WEIGHTS_FILE
+    if single.is_file() or single.is_symlink():
+        return load_file(str(weight_file(model_dir, WEIGHTS_FILE, str(model_dir))), device="cpu")
     if any(model_dir.glob("*.bin")):
         raise DataError(
             f"{model_dir}: only safetensors weights are read (found .bin files; convert them "
             "with transformers' save_pretrained(safe_serialization=True))"
         )
-    raise DataError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    raise DataError(f"{model_dir}: no {WEIGHTS_FILE} or {INDEX_FILE}")
 
 
 def load_hf_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
@@ -262,10 +435,7 @@ def hf_config_of(cfg: ModelConfig, eos_id: int | None = None) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        # Both spellings: transformers 4 reads rope_theta/rope_scaling, 5 reads rope_parameters.
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **rope_config_of(cfg),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
@@ -293,8 +463,6 @@ def export_hf(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory (files replaced atomically)."""
-    from relscale.eval.writer import atomic_write_text, atomic_write_with
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
