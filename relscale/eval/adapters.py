@@ -1,16 +1,19 @@
 """Adapters for published multiple-choice layouts; nothing is downloaded, files are read locally.
 
-MMLU (as on the Hugging Face hub, ``cais/mmlu``)
+MMLU (Hendrycks et al. 2021; the hub's ``cais/mmlu``)
     rows ``question``, ``subject``, ``choices`` (4 strings), ``answer`` (index 0-3 or a letter).
-    Accepted: one Parquet/JSONL file (the test split), a folder of split files as on the hub
-    (``test-*.parquet``, ``dev-*.parquet``; an ``all/`` subfolder is preferred over the
-    per-subject ones), or a dataset saved with ``save_to_disk`` (splits ``test``, ``dev``).
-    Few-shot examples are the first k ``dev`` rows of the same subject (MMLU's 5 per subject).
-    ``letters`` format (the published 5-shot prompt): a header "The following are multiple choice
-    questions (with answers) about <subject>.", then "<question>\\nA. ..\\nB. ..\\nAnswer:", each
-    choice scored as " A", " B", ...; ``cloze`` format scores the choice texts after
-    "Question: <question>\\nAnswer:", more informative for models too small to learn the letters.
-    Group field: ``subject``.
+    Accepted: the original release's CSVs (``dev/<subject>_dev.csv``, ``test/<subject>_test.csv``,
+    no header: question, A, B, C, D, answer letter; or one such file), one Parquet/JSONL file
+    (the test split), a folder of split files as on the hub (``test-*.parquet``,
+    ``dev-*.parquet``; an ``all/`` subfolder is preferred over the per-subject ones), or a
+    dataset saved with ``save_to_disk`` (splits ``test``, ``dev``). Few-shot examples are the
+    first k ``dev`` rows of the same subject (MMLU's 5 per subject, lm-eval's ``first_n``).
+    ``letters`` format (lm-eval's ``mmlu`` task): a header "The following are multiple choice
+    questions (with answers) about <subject>.\\n\\n", then "<question, stripped>\\nA. ..\\nB.
+    ..\\nAnswer:", each choice scored as " A", " B", ...; ``cloze`` format scores the choice
+    texts after "Question: <question, stripped>\\nAnswer:", more informative for models too small
+    to learn the letters. Group fields: ``subject`` and ``category`` (lm-eval's four: stem,
+    humanities, social_sciences, other; ``unknown`` for a subject outside the 57).
 
 Anthropic model-written evaluations (``anthropics/evals``)
     JSONL rows ``question``, ``answer_matching_behavior``, ``answer_not_matching_behavior`` (a
@@ -32,6 +35,7 @@ BIG-bench JSON tasks (``task.json``)
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -54,13 +58,97 @@ MMLU_LETTERS = "{question}\n{choice_lines}Answer:"
 MMLU_CLOZE = "Question: {question}\nAnswer:"
 ANTHROPIC_TEMPLATE = "Human: {question}\n\nAssistant:"
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
+CSV_SPLITS = ("dev", "val", "test")  # <subject>_<split>.csv in the original release
+
+# MMLU's 57 subjects in the four categories lm-evaluation-harness reports (its mmlu groups).
+_MMLU_CATEGORY_SUBJECTS = {
+    "stem": (
+        "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
+        "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
+        "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
+        "high_school_mathematics high_school_physics high_school_statistics machine_learning"
+    ),
+    "humanities": (
+        "formal_logic high_school_european_history high_school_us_history high_school_world_history "
+        "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+        "prehistory professional_law world_religions"
+    ),
+    "social_sciences": (
+        "econometrics high_school_geography high_school_government_and_politics "
+        "high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality "
+        "professional_psychology public_relations security_studies sociology us_foreign_policy"
+    ),
+    "other": (
+        "business_ethics clinical_knowledge college_medicine global_facts human_aging management "
+        "marketing medical_genetics miscellaneous nutrition professional_accounting "
+        "professional_medicine virology"
+    ),
+}
+MMLU_CATEGORIES = {
+    subject: category for category, names in _MMLU_CATEGORY_SUBJECTS.items() for subject in names.split()
+}
+UNKNOWN_CATEGORY = "unknown"
 
 
 # ------------------------------------------------------------------------------------------ MMLU
+def _csv_subject_split(file: Path) -> tuple[str, str] | None:
+    """(subject, split) of an original-release file name ``<subject>_<split>.csv``."""
+    stem = file.stem
+    for split in CSV_SPLITS:
+        if stem.endswith("_" + split) and len(stem) > len(split) + 1:
+            return stem[: -len(split) - 1], split
+    return None
+
+
+def _read_mmlu_csv(file: Path, subject: str) -> list[tuple[str, Any, Any]]:
+    """Rows of an original-release CSV as hub-style dicts (row numbers from 1, as in an editor);
+    a row that is not question, 4 choices and an answer letter becomes a BadRow."""
+    out: list[tuple[str, Any, Any]] = []
+    try:
+        with file.open(newline="", encoding="utf-8") as handle:
+            records = list(csv.reader(handle))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{file}: not a readable MMLU CSV ({err})") from err
+    for number, record in enumerate(records, start=1):
+        if len(record) != 6:
+            out.append((str(file), number, BadRow(str(file), number, f"{len(record)} columns, expected 6")))
+            continue
+        question, *choices, answer = record
+        row = {"question": question, "subject": subject, "choices": choices, "answer": answer.strip()}
+        out.append((str(file), number, row))
+    return out
+
+
+def _mmlu_csv_splits(files: list[Path]) -> dict[str, list[tuple[str, Any, Any]]]:
+    out: dict[str, list] = {}
+    for file in sorted(files):
+        named = _csv_subject_split(file)
+        if named is None:
+            raise DataError(f"{file}: an MMLU CSV must be named <subject>_dev.csv, _val.csv or _test.csv")
+        subject, split = named
+        out.setdefault(split, []).extend(_read_mmlu_csv(file, subject))
+    return out
+
+
+def is_mmlu_csv_layout(path: Path) -> bool:
+    """Whether ``path`` is an original-release MMLU CSV file or a folder holding some."""
+    if path.is_file():
+        return path.suffix.lower() == ".csv" and _csv_subject_split(path) is not None
+    return path.is_dir() and any(_csv_subject_split(f) for f in path.rglob("*.csv"))
+
+
 def _mmlu_splits(path: Path) -> dict[str, list[tuple[str, Any, Any]]]:
     """split -> [(file label, row number, row)] for the accepted MMLU layouts."""
+    if path.is_file() and path.suffix.lower() == ".csv":  # one file: the questions to score
+        named = _csv_subject_split(path)
+        return {"test": _read_mmlu_csv(path, named[0] if named else path.stem)}
     if path.is_file():
         return {"test": [(str(path), n, row) for n, row in read_rows(path)]}
+    if is_mmlu_csv_layout(path):
+        splits = _mmlu_csv_splits([f for f in path.rglob("*.csv") if _csv_subject_split(f)])
+        if "test" not in splits:
+            raise DataError(f"{path}: no MMLU test split (expected test/<subject>_test.csv files)")
+        return splits
     if not path.is_dir():
         raise DataError(f"{path}: MMLU path not found")
     if any((path / marker).exists() for marker in SAVED_DATASET_MARKERS):
@@ -123,7 +211,9 @@ def load_mmlu(
                 continue
             lines = "".join(f"{letter(i)}. {c}\n" for i, c in enumerate(choices))
             extra = {"subject": subject, "subject_text": subject.replace("_", " "), "choice_lines": lines}
-            items.append((f"{subject}/{number}", question, choices, answer, {"subject": subject}, extra))
+            groups = {"subject": subject, "category": MMLU_CATEGORIES.get(subject, UNKNOWN_CATEGORY)}
+            # lm-eval's template strips the question (shots included).
+            items.append((f"{subject}/{number}", question.strip(), choices, answer, groups, extra))
         return items
 
     items = parse(splits["test"])
@@ -145,7 +235,12 @@ def load_mmlu(
     )
     if style == "letters":
         examples = build_mc_examples(
-            items, fmt, shot_pool=pool, shot_key="subject", continuation=lambda i, choice: " " + letter(i)
+            items,
+            fmt,
+            shot_pool=pool,
+            shot_key="subject",
+            continuation=lambda i, choice: " " + letter(i),
+            choice_text=lambda i, choice: letter(i),
         )
     else:
         examples = build_mc_examples(items, fmt, shot_pool=pool, shot_key="subject")
@@ -265,5 +360,10 @@ def load_bigbench(path: Path, *, shots: int = 0, name: str | None = None, seed: 
             items.append((f"{task_name}/{number}", question, choices, answer, groups, {}))
         examples += build_mc_examples(items, fmt, continuation=lambda i, choice: choice)
         settings[task_name] = _fmt_settings(fmt)
-    default_name = "bigbench-" + (files[0].parent.name if len(files) == 1 else path.name)
+    # A file's own name (not its folder's) unless it is a task.json, so two tasks in one folder
+    # get two names; the runner refuses names that still clash.
+    if path.is_dir():
+        default_name = "bigbench-" + path.name
+    else:
+        default_name = "bigbench-" + (path.parent.name if path.name == "task.json" else path.stem)
     return EvalSet(name or default_name, "mc", examples, bad, source=str(path), settings=settings)

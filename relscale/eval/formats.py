@@ -63,13 +63,16 @@ class TextExample:
 @dataclass
 class MCExample:
     """``context`` is the whole prompt (few-shot examples included); ``continuations`` are the
-    strings scored after it (separator included, e.g. ``" Paris"``); ``answer`` indexes them."""
+    strings scored after it (separator included, e.g. ``" Paris"``); ``answer`` indexes them.
+    ``choice_texts``: the choices without the separator (``"Paris"``; empty: the continuations),
+    whose length normalises ``acc_norm`` as lm-evaluation-harness does."""
 
     example_id: str
     context: str
     continuations: list[str]
     answer: int
     groups: dict[str, str] = field(default_factory=dict)
+    choice_texts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -339,16 +342,19 @@ def build_mc_examples(
     shot_pool: list[tuple[str, list[str], int, dict[str, str]]] | None = None,
     shot_key: str | None = None,
     continuation=None,
+    choice_text=None,
 ) -> list[MCExample]:
     """Turn (id, question, choices, answer, groups, template extras) items into prompts.
 
     Few-shot examples come from ``shot_pool`` (restricted to the same value of ``shot_key`` in
     the extras, e.g. MMLU's subject, when given), in pool order; without a pool they are drawn,
     seeded per example, from the other items. ``continuation(i, choice)`` gives what is scored
-    for choice ``i`` (default: ``choice_sep + choice``).
+    for choice ``i`` (default: ``choice_sep + choice``), ``choice_text(i, choice)`` the choice's
+    text for length normalisation (default: the choice).
     """
     continuation = continuation or (lambda i, choice: fmt.choice_sep + choice)
     out = []
+    choice_text = choice_text or (lambda i, choice: choice)
     for number, (example_id, question, choices, answer, groups, extra) in enumerate(items):
         shots: list[tuple[str, list[str], int, dict[str, str]]] = []
         if fmt.shots:
@@ -364,7 +370,8 @@ def build_mc_examples(
         header = fmt.header.format(**extra) if fmt.header else ""
         context = header + fmt.shot_sep.join(parts)
         conts = [continuation(i, c) for i, c in enumerate(choices)]
-        out.append(MCExample(example_id, context, conts, answer, groups))
+        texts = [choice_text(i, c) for i, c in enumerate(choices)]
+        out.append(MCExample(example_id, context, conts, answer, groups, texts))
     return out
 
 
@@ -447,6 +454,10 @@ def detect_kind(path: Path, text_field: str = "text") -> str:
     """Guess the layout of an eval file or folder from what it contains."""
     if not path.exists():
         raise DataError(f"eval set {path}: no such file or folder")
+    from relscale.eval.adapters import is_mmlu_csv_layout
+
+    if is_mmlu_csv_layout(path) or (path.is_file() and path.suffix.lower() == ".csv"):
+        return "mmlu"  # the original release's <subject>_<split>.csv files
     if path.is_dir():
         from relscale.eval.adapters import SAVED_DATASET_MARKERS
 

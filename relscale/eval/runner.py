@@ -30,8 +30,24 @@ from relscale.counting import param_counts, run_flops
 from relscale.errors import DataError
 from relscale.eval import hf
 from relscale.eval.formats import EvalSet, SetOptions, check_bad_rows, load_eval_set, parse_spec
-from relscale.eval.scoring import Encoded, ScoreSettings, encode_set, metrics, score_requests
-from relscale.eval.writer import dump_path, format_summary, safe_name, summarize, write_dump
+from relscale.eval.scoring import (  # eval: start-token policy
+    Encoded,
+    ScoreSettings,
+    StartTokens,
+    encode_set,
+    hf_special_tokens,
+    metrics,
+    resolve_start,
+    score_requests,
+)
+from relscale.eval.writer import (  # eval: is_finished_dump
+    dump_path,
+    format_summary,
+    is_finished_dump,
+    safe_name,
+    summarize,
+    write_dump,
+)
 from relscale.model_io import CONFIG, FORMAT, load_model, read_model_config
 
 FINAL = "final"
@@ -165,12 +181,13 @@ class RunOptions:
     device: str = "auto"
     dtype: str = "auto"
     tokenizer: Path | None = None
-    start_token: str | None = None  # a token string or an integer id
+    start_token: str | None = None  # eval: auto (None) | bos | eos | none | a token string or id
     meta: dict[str, Any] = field(default_factory=dict)  # column overrides (tokens, budget, ...)
     skip_bad: bool = False
     force: bool = False
     progress: bool = False
     quiet: bool = False
+    threads: int | None = None  # eval: torch.set_num_threads (None: torch's default)
 
 
 @dataclass
@@ -289,57 +306,50 @@ def model_columns(entry: ModelEntry, info: ModelInfo) -> dict[str, Any]:
 @dataclass
 class TokenizerInfo:
     tokenizer: Any
-    start_id: int
+    start: StartTokens  # eval: the start-token policy resolved for this tokenizer
     key: str  # sha256 of tokenizer.json: equal keys tokenise identically
+
+    @property
+    def start_id(self) -> int:
+        """The token a document's first token is predicted from (lm-eval's prefix_token_id)."""
+        return self.start.first
 
 
 def _file_key(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _start_id(tokenizer, start: str | None, fallback: int | None, where: str) -> int:
-    if start is not None:
-        if start.lstrip("-").isdigit():
-            return int(start)
-        token_id = tokenizer.token_to_id(start)
-        if token_id is None:
-            raise DataError(f"--start-token {start!r} is not in the tokenizer's vocabulary")
-        return token_id
-    if fallback is None:
-        raise DataError(f"{where}: no beginning token known; pass --start-token")
-    return fallback
-
-
 def load_tokenizer_for(entry: ModelEntry, info: ModelInfo, opts: RunOptions) -> TokenizerInfo:
+    """The tokenizer of a model and its start tokens under ``opts.start_token`` (eval: policies
+    in :func:`relscale.eval.scoring.resolve_start`)."""
     from tokenizers import Tokenizer
 
     from relscale.data.tokenizer import EOS_TOKEN
 
     if opts.tokenizer is not None:
         tokenizer = Tokenizer.from_file(str(opts.tokenizer))
-        fallback = None
+        where, key = str(opts.tokenizer), _file_key(opts.tokenizer)
         if entry.kind == "hf":
-            fallback = hf.beginning_token(entry.path, tokenizer)
-        elif tokenizer.token_to_id(EOS_TOKEN) is not None:
-            fallback = tokenizer.token_to_id(EOS_TOKEN)
-        return TokenizerInfo(
-            tokenizer,
-            _start_id(tokenizer, opts.start_token, fallback, str(opts.tokenizer)),
-            _file_key(opts.tokenizer),
-        )
-    if entry.kind == "hf":
+            bos_id, eos_id, add_bos = hf_special_tokens(entry.path, tokenizer)
+        else:
+            bos_id, eos_id, add_bos = None, tokenizer.token_to_id(EOS_TOKEN), None
+    elif entry.kind == "hf":
         tokenizer = hf.load_hf_tokenizer(entry.path)
-        start = _start_id(
-            tokenizer, opts.start_token, hf.beginning_token(entry.path, tokenizer), str(entry.path)
-        )
-        return TokenizerInfo(tokenizer, start, _file_key(entry.path / "tokenizer.json"))
-    if info.data_dir is None:
-        raise DataError(f"{entry.path}: the model's meta names no data_path; pass --data or --tokenizer")
-    from relscale.data import PreparedData
+        where, key = str(entry.path), _file_key(entry.path / "tokenizer.json")
+        bos_id, eos_id, add_bos = hf_special_tokens(entry.path, tokenizer)
+    else:
+        if info.data_dir is None:
+            raise DataError(f"{entry.path}: the model's meta names no data_path; pass --data or --tokenizer")
+        from relscale.data import PreparedData
 
-    data = PreparedData(info.data_dir)
-    start = _start_id(data.tokenizer, opts.start_token, data.eos_id, str(info.data_dir))
-    return TokenizerInfo(data.tokenizer, start, _file_key(info.data_dir / data.manifest["tokenizer"]["file"]))
+        data = PreparedData(info.data_dir)
+        tokenizer, where = data.tokenizer, str(info.data_dir)
+        key = _file_key(info.data_dir / data.manifest["tokenizer"]["file"])
+        bos_id, eos_id, add_bos = None, data.eos_id, None  # our data: an EOS between documents
+    start = resolve_start(
+        tokenizer, opts.start_token, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, where=where
+    )
+    return TokenizerInfo(tokenizer, start, key)
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -375,9 +385,9 @@ class Evaluator:
         return self._sets[key]
 
     def encoded(self, eval_set: EvalSet, tok: TokenizerInfo) -> Encoded:
-        key = (id(eval_set), tok.key, tok.start_id, self.opts.prefix_tokens)
+        key = (id(eval_set), tok.key, tok.start, self.opts.prefix_tokens)
         if key not in self._encoded:
-            self._encoded[key] = encode_set(eval_set, tok.tokenizer, tok.start_id, self.opts.prefix_tokens)
+            self._encoded[key] = encode_set(eval_set, tok.tokenizer, tok.start, self.opts.prefix_tokens)
         return self._encoded[key]
 
     def check(self, eval_set: EvalSet, encoded: Encoded, tok_key: str) -> None:
@@ -403,10 +413,11 @@ class Evaluator:
         opts = self.opts
         info = read_info(entry, opts)
         sets = [self.eval_set(spec, info.data_dir) for spec in self.specs]
+        check_unique_names(sets)  # eval: two sets under one name would overwrite each other
         todo, outcomes = [], []
         for eval_set in sets:
             path = dump_path(opts.out_dir, eval_set.name, entry.model_id)
-            if path.exists() and not opts.force:
+            if is_finished_dump(path) and not opts.force:  # eval: garbage at the path is not done
                 outcomes.append(Outcome(entry.model_id, eval_set.name, path, "exists"))
                 self._say(f"{entry.model_id} / {eval_set.name}: {path} exists, skipped (--force rewrites)")
             else:
@@ -419,10 +430,14 @@ class Evaluator:
             encoded = self.encoded(eval_set, tok)
             self.check(eval_set, encoded, tok.key)
             prepared.append((eval_set, path, encoded))
+        context = opts.context or default_context(info)
+        if context > info.cfg.max_seq_len:  # eval: refuse before allocating
+            raise DataError(
+                f"--context {context} exceeds the model's max_seq_len {info.cfg.max_seq_len} ({entry.path})"
+            )
         device = self.device()
         model = load_weights(entry, info.cfg, device)
         columns = model_columns(entry, info)
-        context = opts.context or default_context(info)
         settings = ScoreSettings(
             context=context,
             stride=opts.stride,
@@ -441,6 +456,9 @@ class Evaluator:
         return outcomes
 
     def score_and_write(self, model, entry, columns, eval_set, encoded, path, settings, tok) -> Outcome:
+        if not encoded.requests:  # eval: nothing to score -> no dump (an empty one would read as done)
+            self._say(f"{entry.model_id} / {eval_set.name}: 0 examples to score; no dump written")
+            return Outcome(entry.model_id, eval_set.name, path, "empty")
         result = score_requests(model, encoded.requests, settings)
         rows = metrics(eval_set, encoded, result.nll)
         stride, pack_len, _ = settings.resolved()
@@ -454,6 +472,7 @@ class Evaluator:
             "pack_len": pack_len,
             "prefix_tokens": self.opts.prefix_tokens,
             "start_id": tok.start_id,
+            "start_tokens": tok.start.describe(),
             "tokenizer_sha256_16": tok.key,
             "dtype": settings.dtype,
             "device": str(model_device_of(model)),
@@ -485,6 +504,18 @@ class Evaluator:
             print(text, flush=True)
 
 
+def check_unique_names(sets: list[EvalSet]) -> None:
+    """eval: refuse two eval sets with one name (their dumps would share one file), naming both."""
+    seen: dict[str, EvalSet] = {}
+    for eval_set in sets:
+        other = seen.setdefault(eval_set.name, eval_set)
+        if other is not eval_set:
+            raise DataError(
+                f"eval sets {other.source} and {eval_set.source} are both named {eval_set.name!r}; "
+                "name one with NAME=KIND:PATH"
+            )
+
+
 def model_device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -498,6 +529,8 @@ def evaluate(
     steps: list[int] | None = None,
 ) -> list[Outcome]:
     """Discover the models under ``paths`` and write their dumps on ``specs``."""
+    if opts.threads is not None:  # eval: --threads
+        torch.set_num_threads(opts.threads)
     entries = discover_models(paths, checkpoints=checkpoints)
     if steps is not None:
         entries = [e for e in entries if e.step is None or e.step in set(steps)]
@@ -581,7 +614,7 @@ def make_dump_hook(
 
 def _agreed_exists(path: Path) -> bool:
     """Whether the dump exists, as rank 0 sees it (so all ranks skip or score together)."""
-    exists = path.exists()
+    exists = is_finished_dump(path)  # eval: garbage at the path is not done
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         flag = [exists]
         torch.distributed.broadcast_object_list(flag, src=0)

@@ -14,10 +14,15 @@ Columns (types are fixed, so files of different models concatenate):
                    tokens (training tokens), flops_train, flops_marin, budget (flops_marin
                    convention; null when unknown), hidden, layers, source (checkpoint path)
     example        dataset, grouping, group, example_id
-    text sets      nll (nats, summed over scored tokens), n_tokens, n_bytes, bpb
-    multiple choice choice_logprobs, choice_logprobs_norm (per token), choice_n_tokens, answer,
-                   logprob_correct, prob_correct (softmax over the choices' summed log-probs),
-                   acc, acc_norm (argmax of the per-token normalised log-probs)
+    text sets      nll (nats, summed over scored tokens), n_tokens, n_bytes (of the scored tokens), bpb
+    multiple choice prompt (the rendered context), choices (the scored continuations),
+                   choice_logprobs, choice_logprobs_norm (per UTF-8 byte of the choice text),
+                   choice_n_tokens, choice_n_bytes (bytes of each choice's scored tokens), answer,
+                   choice_logprob (= logprob_correct), choice_logprob_norm, choice_prob_norm,
+                   prob_correct (softmax over the choices' raw / byte-normalised log-probs, at the
+                   answer), acc, acc_norm (per character, as lm-eval), acc_bytes (per byte), and
+                   the right answer's nll, n_tokens, n_bytes, bpb (so fit's nll/bpb metrics apply)
+    (see :func:`relscale.eval.scoring.mc_metrics` for the definitions, which follow lm-eval).
 The eval settings (context, stride, prompt format, beginning token, ...) are stored as JSON in the
 file's schema metadata under ``relscale_eval``.
 """
@@ -62,14 +67,25 @@ TEXT_FIELDS = [
     ("bpb", pa.float64()),
 ]
 MC_FIELDS = [
+    ("prompt", pa.string()),
+    ("choices", pa.list_(pa.string())),
     ("choice_logprobs", pa.list_(pa.float64())),
     ("choice_logprobs_norm", pa.list_(pa.float64())),
     ("choice_n_tokens", pa.list_(pa.int64())),
+    ("choice_n_bytes", pa.list_(pa.int64())),
     ("answer", pa.int64()),
+    ("choice_logprob", pa.float64()),
+    ("choice_logprob_norm", pa.float64()),
+    ("choice_prob_norm", pa.float64()),
     ("logprob_correct", pa.float64()),
     ("prob_correct", pa.float64()),
     ("acc", pa.float64()),
     ("acc_norm", pa.float64()),
+    ("acc_bytes", pa.float64()),
+    ("nll", pa.float64()),
+    ("n_tokens", pa.int64()),
+    ("n_bytes", pa.int64()),
+    ("bpb", pa.float64()),
 ]
 SETTINGS_KEY = b"relscale_eval"
 
@@ -115,7 +131,12 @@ def write_dump(
     *,
     force: bool = False,
 ) -> bool:
-    """Write the dump; False (and nothing written) when a finished file exists and not ``force``."""
+    """Write the dump; False (and nothing written) when a finished file exists and not ``force``.
+    A set with no examples writes nothing: DataError (an empty dump would later read as done)."""
+    if not example_rows:
+        raise DataError(f"{path}: eval set {dataset!r} has 0 examples to write; no dump written")
+    if force or not is_finished_dump(path):
+        force = True  # a file there that is not a readable dump is not a finished result
     rows = [{**model_columns, "dataset": dataset, **row} for row in expand_groups(example_rows)]
     file_schema = schema(kind).with_metadata({SETTINGS_KEY: json.dumps(settings, default=str)})
     try:
@@ -123,6 +144,20 @@ def write_dump(
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise DataError(f"{path}: cannot build the dump table ({err})") from err
     return atomic_write_with(path, lambda tmp: pq.write_table(table, tmp), overwrite=force)
+
+
+def is_finished_dump(path: Path) -> bool:
+    """Whether ``path`` holds a readable dump (a Parquet file with our settings metadata and at
+    least one row): only such a file counts as done; garbage at the path is rewritten."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        meta = pq.read_metadata(path)
+    except Exception:  # pyarrow raises several types for a file that is not Parquet
+        return False
+    schema_meta = meta.schema.to_arrow_schema().metadata or {}
+    return meta.num_rows > 0 and SETTINGS_KEY in schema_meta
 
 
 def read_settings(path: Path) -> dict[str, Any]:

@@ -91,11 +91,11 @@ def test_model_dir_dumps_columns_values_and_no_overwrite(tmp_path, model_dir, da
         tokens = np.concatenate([[data.eos_id], data.doc_tokens("val", row)])
         got = century.loc[doc.doc_id]
         assert got.group == doc.century and got.n_bytes == doc.n_bytes and got.n_tokens == doc.length
-        expected = windowed_reference(model, tokens, 1, SEQ_LEN, SEQ_LEN // 2)
+        expected = windowed_reference(model, tokens, 1, SEQ_LEN, SEQ_LEN)  # lm-eval windows
         assert got.nll == pytest.approx(expected, rel=2e-6)
         assert got.bpb == pytest.approx(got.nll / (math.log(2) * got.n_bytes))
     settings = read_settings(text_path)
-    assert settings["context"] == SEQ_LEN and settings["stride"] == SEQ_LEN // 2
+    assert settings["context"] == SEQ_LEN and settings["stride"] == SEQ_LEN
     assert settings["start_id"] == data.eos_id
 
     mc = pd.read_parquet(mc_path)

@@ -34,7 +34,7 @@ def model(tokenizer):
 
 
 def test_whole_documents_equal_direct_float64(model, text_set, tokenizer):
-    encoded = encode_set(text_set, tokenizer, start_id=0)
+    encoded = encode_set(text_set, tokenizer, start=0)
     longest = max(len(r.tokens) for r in encoded.requests)
     result = score_requests(model, encoded.requests, ScoreSettings(context=longest, batch_tokens=4 * longest))
     expected = [nll_direct(model, r.tokens) for r in encoded.requests]
@@ -44,7 +44,7 @@ def test_whole_documents_equal_direct_float64(model, text_set, tokenizer):
 
 @pytest.mark.parametrize("stride", [SEQ_LEN, 10])
 def test_sliding_windows_equal_unbatched_chunks(model, text_set, tokenizer, stride):
-    encoded = encode_set(text_set, tokenizer, start_id=0, prefix_tokens=3)
+    encoded = encode_set(text_set, tokenizer, start=0, prefix_tokens=3)
     requests = encoded.requests[:12]
     assert max(len(r.tokens) for r in requests) > 3 * SEQ_LEN  # windows do slide
     result = score_requests(model, requests, ScoreSettings(context=SEQ_LEN, stride=stride, batch_tokens=96))
@@ -56,7 +56,7 @@ def test_sliding_windows_equal_unbatched_chunks(model, text_set, tokenizer, stri
 
 
 def test_independent_of_batch_size_and_packing(model, text_set, tokenizer):
-    requests = encode_set(text_set, tokenizer, start_id=0).requests
+    requests = encode_set(text_set, tokenizer, start=0).requests
     runs = [
         score_requests(model, requests, ScoreSettings(context=SEQ_LEN, batch_tokens=bt, pack_len=pl)).nll
         for bt, pl in [(SEQ_LEN, SEQ_LEN), (512, 64), (10_000, 101)]
@@ -66,7 +66,7 @@ def test_independent_of_batch_size_and_packing(model, text_set, tokenizer):
 
 
 def test_text_metrics_bytes_and_bpb(model, text_set, tokenizer):
-    encoded = encode_set(text_set, tokenizer, start_id=0)
+    encoded = encode_set(text_set, tokenizer, start=0)
     nll = score_requests(model, encoded.requests, ScoreSettings(context=SEQ_LEN)).nll
     rows = metrics(text_set, encoded, nll)
     assert len(rows) == len(text_set.examples)
@@ -79,8 +79,8 @@ def test_text_metrics_bytes_and_bpb(model, text_set, tokenizer):
 
 def test_conditional_scoring_after_k_tokens(model, text_set, tokenizer):
     k = 5
-    full = encode_set(text_set, tokenizer, start_id=0)
-    cond = encode_set(text_set, tokenizer, start_id=0, prefix_tokens=k)
+    full = encode_set(text_set, tokenizer, start=0)
+    cond = encode_set(text_set, tokenizer, start=0, prefix_tokens=k)
     settings = ScoreSettings(context=200)
     per_token_full = []
     for r in full.requests[:5]:  # per-token losses of the whole document, float64
@@ -103,7 +103,7 @@ def test_conditional_scoring_after_k_tokens(model, text_set, tokenizer):
 def test_documents_too_short_for_the_prefix_are_reported(text_set, tokenizer):
     lengths = [len(tokenizer.encode(e.text, add_special_tokens=False).ids) for e in text_set.examples]
     k = sorted(lengths)[3]
-    encoded = encode_set(text_set, tokenizer, start_id=0, prefix_tokens=k)
+    encoded = encode_set(text_set, tokenizer, start=0, prefix_tokens=k)
     short = [e.example_id for e, n in zip(text_set.examples, lengths) if n <= k]
     assert [b.row for b in encoded.bad_rows] == short and "nothing left to score" in encoded.bad_rows[
         0
@@ -119,7 +119,7 @@ def test_multiple_choice_logprobs_and_probabilities(tmp_path, model, tokenizer):
     path = tmp_path / "mc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     mc = load_eval_set(f"mc:{path}", SetOptions())
-    encoded = encode_set(mc, tokenizer, start_id=0)
+    encoded = encode_set(mc, tokenizer, start=0)
     out = metrics(mc, encoded, score_requests(model, encoded.requests, ScoreSettings(context=64)).nll)
     for row, example in zip(out, mc.examples):
         context_ids = tokenizer.encode(example.context, add_special_tokens=False).ids
@@ -130,11 +130,20 @@ def test_multiple_choice_logprobs_and_probabilities(tmp_path, model, tokenizer):
             tokens = np.asarray([0, *whole])
             expected.append(-nll_direct(model, tokens, first_scored=1 + len(context_ids)))
         np.testing.assert_allclose(row["choice_logprobs"], expected, rtol=2e-6, atol=1e-5)
-        lengths = [
-            len(tokenizer.encode(example.context + c, add_special_tokens=False).ids) - len(context_ids)
-            for c in example.continuations
-        ]
-        np.testing.assert_allclose(row["choice_logprobs_norm"], np.array(expected) / lengths, rtol=2e-6)
+        # per byte of the choice text (without the separator), as lm-eval's acc_bytes
+        n_bytes = np.array([len(c.encode("utf-8")) for c in example.choice_texts], dtype=float)
+        np.testing.assert_allclose(row["choice_logprobs_norm"], np.array(expected) / n_bytes, rtol=2e-6)
+        chars = np.array([len(c) for c in example.choice_texts], dtype=float)
+        assert row["acc_norm"] == float(np.argmax(np.array(expected) / chars) == example.answer)
+        per_byte = np.array(expected) / n_bytes
+        assert row["choice_logprob_norm"] == pytest.approx(per_byte[example.answer], rel=2e-6)
+        norm_probs = np.exp(per_byte) / np.exp(per_byte).sum()
+        assert row["choice_prob_norm"] == pytest.approx(norm_probs[example.answer], rel=1e-5)
+        # bpb of the right answer: its scored tokens are " " + the choice here (no split character)
+        right = example.continuations[example.answer]
+        assert row["n_bytes"] == len(right.encode("utf-8"))
+        assert row["bpb"] == pytest.approx(-expected[example.answer] / (math.log(2) * row["n_bytes"]), rel=2e-6)
+        assert row["prompt"] == example.context
         probs = np.exp(expected) / np.exp(expected).sum()
         assert row["prob_correct"] == pytest.approx(probs[example.answer], rel=1e-5)
         assert row["logprob_correct"] == pytest.approx(expected[example.answer], rel=2e-6)
@@ -147,7 +156,7 @@ def test_multiple_choice_logprobs_and_probabilities(tmp_path, model, tokenizer):
 def test_eval_mode_scores_plain_nll_and_restores_the_model(tokenizer, text_set):
     model = tiny_model(tokenizer.get_vocab_size(), seed=1, z_loss=1e-2)
     model.train()
-    requests = encode_set(text_set, tokenizer, start_id=0).requests[:4]
+    requests = encode_set(text_set, tokenizer, start=0).requests[:4]
     nll = score_requests(model, requests, ScoreSettings(context=200)).nll
     np.testing.assert_allclose(nll, [nll_direct(model, r.tokens) for r in requests], rtol=2e-6)
     assert model.training and model.cfg.z_loss == 1e-2
@@ -159,7 +168,7 @@ def test_eval_mode_scores_plain_nll_and_restores_the_model(tokenizer, text_set):
     not torch.cuda.is_available(), reason="needs a CUDA device (bf16 autocast + Triton kernels)"
 )
 def test_gpu_bf16_scores_close_to_fp32(model, text_set, tokenizer):
-    requests = encode_set(text_set, tokenizer, start_id=0).requests
+    requests = encode_set(text_set, tokenizer, start=0).requests
     cpu = score_requests(model, requests, ScoreSettings(context=SEQ_LEN)).nll
     gpu_model = tiny_model(tokenizer.get_vocab_size(), seed=1).cuda()
     gpu = score_requests(gpu_model, requests, ScoreSettings(context=SEQ_LEN, dtype="bf16")).nll
