@@ -10,13 +10,24 @@ Warnings are FitWarning subclasses and are also flags in the results.
 """
 
 from .diagnostics import (
+    BudgetSnapWarning,
     ConcaveFitWarning,
     ConvergenceWarning,
     DroppedDataWarning,
     EdgeOfRangeWarning,
     FitWarning,
 )
-from .io import FLOP_NOTE, FitData, aggregate_dumps, from_table, load, read_dumps, read_results_index
+from .io import (
+    FLOP_NOTE,
+    FitData,
+    aggregate_dumps,
+    flop_note,
+    from_table,
+    load,
+    read_dumps,
+    read_results_index,
+    row_filter,
+)
 from .isoflop import BudgetFit, IsoFlopResult, fit_isoflop, snap_budgets
 from .laws import (
     ErrorMatrix,
@@ -35,6 +46,7 @@ from .report import FitReport, run_fit, summary_table
 __all__ = [
     "FLOP_NOTE",
     "BudgetFit",
+    "BudgetSnapWarning",
     "ConcaveFitWarning",
     "ConvergenceWarning",
     "DroppedDataWarning",
@@ -54,6 +66,7 @@ __all__ = [
     "fit_isoflop",
     "fit_parametric",
     "fit_power_law",
+    "flop_note",
     "fit_relative_laws",
     "from_table",
     "line_fits",
@@ -61,6 +74,7 @@ __all__ = [
     "read_dumps",
     "read_results_index",
     "relative_power_laws",
+    "row_filter",
     "run_fit",
     "select_models",
     "snap_budgets",

@@ -184,20 +184,21 @@ def snap_budgets(
     budgets = np.empty_like(log_f)
     merges: list[str] = []
     if declared is not None:
-        targets = np.log10(np.asarray(declared, dtype=float).reshape(-1))
+        declared = np.asarray(declared, dtype=float).reshape(-1)
+        targets = np.log10(declared)
         nearest = np.abs(log_f[:, None] - targets[None, :]).argmin(axis=1)
         far = np.abs(log_f - targets[nearest]) > tolerance_decades
         if far.any():
             raise DataError(
                 f"FLOPs {f[far][:10].tolist()} are more than {tolerance_decades} decades from every "
-                f"declared budget {sorted(10 ** targets)}"
+                f"declared budget {sorted(declared.tolist())}"
             )
-        budgets = 10 ** targets[nearest]
+        budgets = declared[nearest]
         for j in np.unique(nearest):
             members = f[nearest == j]
-            if np.unique(members).size > 1 or not np.isclose(members[0], 10 ** targets[j], rtol=1e-9):
+            if np.unique(members).size > 1 or not np.isclose(members[0], declared[j], rtol=1e-9):
                 merges.append(f"{members.size} points in [{members.min():.4g}, {members.max():.4g}] -> "
-                              f"{10 ** targets[j]:.4g}")
+                              f"{declared[j]:.4g}")
     else:
         order = np.argsort(log_f, kind="stable")
         start = 0
