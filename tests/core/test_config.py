@@ -74,3 +74,26 @@ def test_override_parsing():
 def test_config_hash_tracks_every_field():
     a, b = ModelConfig(), ModelConfig(rope_theta=5e5)
     assert config_hash(a) == config_hash(ModelConfig()) and config_hash(a) != config_hash(b)
+
+
+def test_activation_checkpointing_flag():
+    assert load_train_config().activation_checkpointing is False
+    assert load_train_config(None, ["activation_checkpointing=true"]).activation_checkpointing is True
+    with pytest.raises(ConfigError, match="activation_checkpointing: expected bool"):
+        load_train_config(None, ["activation_checkpointing=1"])
+
+
+def test_rope_scaling_config_is_validated_naming_the_key():
+    cfg = load_train_config(None, ['model.rope_scaling.type="llama3"', "model.rope_scaling.factor=32.0"])
+    assert cfg.model.rope_scaling.type == "llama3" and cfg.model.rope_scaling.factor == 32.0
+    assert train_config_from_dict(to_dict(cfg)) == cfg
+    for overrides, message in [
+        (['model.rope_scaling.type="yarn"'], "model.rope_scaling.type: 'yarn' is not one of"),
+        (['model.rope_scaling.type="llama3"', "model.rope_scaling.factor=0.5"],
+         "model.rope_scaling.factor: must be >= 1"),
+        (['model.rope_scaling.type="llama3"', "model.rope_scaling.high_freq_factor=1.0"],
+         "model.rope_scaling.high_freq_factor: must exceed low_freq_factor"),
+        (["model.rope_scaling.scale=2.0"], "model.rope_scaling.scale: unknown key"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_train_config(None, overrides)
