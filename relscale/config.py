@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import tomllib
 import types
 import typing
@@ -148,14 +149,35 @@ class DataConfig:
         _require(self.seq_len > 1, f"{where}.seq_len", "must be > 1")
 
 
+OPTIMIZERS = ("adamw", "c_adamc")
+"""``adamw``: torch's AdamW (Loshchilov & Hutter 2019). ``c_adamc``: Cautious AdamW (Liang et al.
+2024, arXiv 2411.16085) with AdamC corrected weight decay (Defazio et al. 2025, arXiv 2506.02285),
+as Levanter's ``CautiousConfig(adamc_weight_decay=True)``; see relscale.train.optim."""
+
+MARIN_OPTIM = {"name": "c_adamc", "beta1": 0.95, "eps": 1e-15, "weight_decay": 0.1, "grad_clip": 1.0}
+"""What ``optim.preset = "marin"`` sets (Marin's C-AdamC recipe); beta2 follows the global batch."""
+
+
+def marin_beta2(global_batch: int) -> float:
+    """Marin's batch-size-dependent beta2, 0.98^(B/128) for a global batch of B sequences: the
+    averaging horizon of the second moment, measured in sequences, stays the same as B changes."""
+    return 0.98 ** (global_batch / 128)
+
+
 @dataclass
 class OptimConfig:
-    """AdamW plus a learning-rate schedule. ``preset = "marin"`` applies Marin's defaults
-    (beta1 0.95, beta2 = 0.98^(B/128), eps 1e-15, weight decay 0.1, clip 1.0) at run time,
-    where B is the global batch in sequences."""
+    """The optimizer and its learning-rate schedule.
+
+    ``preset = "marin"`` is resolved when the config is built (see :meth:`TrainConfig.__post_init__`):
+    it sets name c_adamc, beta1 0.95, eps 1e-15, weight decay 0.1, clip 1.0 and beta2 =
+    0.98^(B/128) (B: the global batch in sequences), then reads ``"none"``, so the stored config
+    holds the values the run uses. A key given with a value other than its default and other
+    than the preset's is refused, naming it.
+    """
 
     preset: str = _choice("none", ("none", "marin"))
-    lr: float = 3e-3
+    name: str = _choice("adamw", OPTIMIZERS)
+    lr: float = 3e-3  # the peak learning rate (AdamC scales weight decay by lr_t / lr)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -178,10 +200,43 @@ class OptimConfig:
         _require(self.weight_decay >= 0, f"{where}.weight_decay", "must be >= 0")
         _require(self.grad_clip >= 0, f"{where}.grad_clip", "must be >= 0")
 
+    def resolve_preset(self, global_batch: int, where: str = "optim") -> OptimConfig:
+        """This config with ``preset`` applied (a copy reading ``preset = "none"``); itself when
+        there is none. ``global_batch``: sequences per optimizer step, for Marin's beta2.
+
+        Raises ConfigError naming a key whose value differs from both its default and the
+        preset's (two truths for one knob).
+        """
+        if self.preset == "none":
+            return self
+        values = {**MARIN_OPTIM, "beta2": marin_beta2(global_batch)}
+        defaults = OptimConfig()
+        for key, value in values.items():
+            given = getattr(self, key)
+            if given != getattr(defaults, key) and not _same(given, value):
+                raise ConfigError(
+                    f"{where}.{key}: {given!r} conflicts with {where}.preset={self.preset!r}, which sets "
+                    f"{value!r}; remove one of them"
+                )
+        return dataclasses.replace(self, preset="none", **values)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-12 * max(abs(a), abs(b))
+    return a == b
+
 
 @dataclass
 class TrainConfig:
-    """One training run. Global batch (sequences) = micro_batch * grad_accum * world size."""
+    """One training run. Global batch (sequences) = micro_batch * grad_accum * world size.
+
+    Resolved on construction (so a stored config, its hash and a results row hold the values a
+    run uses): ``optim.preset`` (see :meth:`OptimConfig.resolve_preset`; the world size is the
+    launch's ``WORLD_SIZE``, 1 outside torchrun) and the legacy ``eval_batches`` (turned into
+    ``eval_tokens = eval_batches * micro_batch * data.seq_len``, the text it measured in one
+    process).
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -194,16 +249,34 @@ class TrainConfig:
     device: str = _choice("auto", ("auto", "cpu", "cuda"))
     dtype: str = _choice("auto", ("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False
-    # Recompute each block in the backward (torch.utils.checkpoint): saved activations drop to the
-    # block inputs, for ~1/3 more compute; what lets d >= 1536 fit at seq 4096 (relscale.model).
-    activation_checkpointing: bool = False
     ckpt_interval: int = 0  # steps between checkpoints; 0: only at the end
     eval_interval: int = 0  # steps between validation passes; 0: only at the end
-    eval_batches: int = 8
+    # Validation measures the first ceil(eval_tokens / data.seq_len) windows of the held-out split
+    # (all, if fewer), whatever micro_batch, grad_accum or world size; 0: no validation.
+    eval_tokens: int | None = None  # None: DEFAULT_EVAL_TOKENS
+    eval_batches: int | None = None  # legacy; resolved into eval_tokens, then None
     log_interval: int = 10
     progress: bool = True  # tqdm progress bar
     dump_steps: list[int] = field(default_factory=list)  # steps at which to write per-example dumps
     dump_eval: str = "default"  # eval set for those dumps ("default": the data's held-out split)
+
+    def __post_init__(self) -> None:
+        if self.eval_batches is not None:
+            _require(self.eval_tokens is None, "eval_batches",
+                     "give eval_tokens or the legacy eval_batches, not both")
+            _require(self.eval_batches >= 0, "eval_batches", "must be >= 0")
+            self.eval_tokens = self.eval_batches * self.micro_batch * self.data.seq_len
+            self.eval_batches = None
+        elif self.eval_tokens is None:
+            self.eval_tokens = DEFAULT_EVAL_TOKENS
+        if isinstance(self.optim, OptimConfig) and self.optim.preset != "none":
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            self.optim = self.optim.resolve_preset(self.micro_batch * self.grad_accum * world_size)
+
+    @property
+    def eval_windows(self) -> int:
+        """Held-out windows of ``data.seq_len`` tokens each validation pass measures (at most)."""
+        return -(-(self.eval_tokens or 0) // self.data.seq_len)
 
     def validate(self) -> None:
         self.model.validate("model")
@@ -211,7 +284,7 @@ class TrainConfig:
         self.optim.validate("optim")
         for name in ("steps", "micro_batch", "grad_accum"):
             _require(getattr(self, name) > 0, name, "must be positive")
-        for name in ("ckpt_interval", "eval_interval", "eval_batches"):
+        for name in ("ckpt_interval", "eval_interval", "eval_tokens"):
             _require(getattr(self, name) >= 0, name, "must be >= 0")
         _require(self.log_interval > 0, "log_interval", "must be positive")
         _require(
@@ -219,6 +292,10 @@ class TrainConfig:
             "data.seq_len",
             f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
+
+
+DEFAULT_EVAL_TOKENS = 2**16
+"""Tokens of held-out text a validation pass measures unless ``eval_tokens`` says otherwise."""
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -1,13 +1,26 @@
 """Named sweep presets (``relscale grid --preset NAME``) and a preset sized to the hardware.
 
 * ``marin``: the rule of Marin's IsoFLOP sweeps behind the 255 released checkpoints of
-  "Relative Scaling Laws for LLMs" (see relscale/sweep/grid.py for the rule and its source).
-  The three datasets are placeholders for the paper's three pretraining corpora; point their
-  paths at prepared copies. Not reproduced: Levanter's Llama-3 RoPE frequency scaling (plain
-  RoPE with theta 500000 here) and the "cautious" AdamW variant (plain AdamW here).
+  "Relative Scaling Laws for LLMs" (see relscale/sweep/grid.py for the rule and its source),
+  trained with the suite's recipe: a Qwen3-style decoder (QK-norm, untied embeddings, RMSNorm
+  eps 1e-5), Llama-3 RoPE (theta 500000; llama3 scaling with factor 8, low/high frequency
+  factors 1/4, original context 8192), C-AdamC (``optim.name = "c_adamc"``: Cautious AdamW with
+  AdamC weight decay; beta1 0.95, beta2 = 0.98^(B/128), eps 1e-15, weight decay 0.1, clip 1.0),
+  10% warm-up and a linear decay to 0 over the last 20%. The three datasets are placeholders for
+  the paper's three pretraining corpora; point their paths at prepared copies.
+  Remaining differences from the paper's suite (Marin's Levanter runs):
+  - the learning-rate schedule is offset by one step: Levanter's warm-up starts at lr 0 on the
+    first step and its decay ends one step before 0; relscale's starts at lr/warmup and ends at 0;
+  - initialisation is relscale's (normal, std ``model.init_std`` = 0.02, residual outputs scaled
+    by 1/sqrt(2L)), not haliax's default initialisers;
+  - gradient clipping divides by (norm + 1e-6) (torch), optax by the norm;
+  - validation: a fixed ``eval_tokens`` of held-out windows of the prepared data, not Marin's
+    validation sets (the paper's scores come from separate evaluations: ``relscale eval``).
 * ``tiny``: the same rule scaled down so a whole sweep (3 budgets x 4 widths, 12 runs) trains in
   a few minutes on a 2-core CPU on the default corpus (``relscale prepare --out
-  relscale_data/sotu``). Its budgets were chosen by timing the trainer there: the 12 runs took
+  relscale_data/sotu``), with the same optimizer recipe (C-AdamC) and plain RoPE (theta 10000:
+  at sequences of 128 the llama3 scaling would only touch frequencies the runs never resolve).
+  Its budgets were chosen by timing the trainer there: the 12 runs took
   about 2 minutes with one torch thread (``--threads 1``) while other jobs shared the cores; the
   largest run (d=32 at 1e11) 20-40 s. At such budgets the loss-optimal width sits at the
   narrow end (at 1e11 d=32 wins clearly; at 3e10 d=32..96 are within 0.02 nats): an optimum
@@ -23,7 +36,7 @@ import math
 import time
 from collections.abc import Callable
 
-from relscale.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from relscale.config import DataConfig, ModelConfig, OptimConfig, RopeScalingConfig, TrainConfig
 from relscale.errors import ConfigError
 from relscale.sweep.spec import (
     BatchRule,
@@ -40,21 +53,28 @@ DEFAULT_DATA = "relscale_data/sotu"
 
 
 def _marin_optim() -> OptimConfig:
-    # Marin's AdamW: beta1 0.95, eps 1e-15, weight decay 0.1, clip 1, 10% warmup, linear decay over
-    # the last 20% to 0 (Levanter's "linear" schedule with decay=0.2 is warmup-stable-decay).
-    return OptimConfig(preset="marin", beta1=0.95, eps=1e-15, weight_decay=0.1, grad_clip=1.0,
+    """Marin's C-AdamC (Levanter ``CautiousConfig(adamc_weight_decay=True)``): beta1 0.95, eps
+    1e-15, weight decay 0.1, clip 1, 10% warm-up, linear decay over the last 20% to 0 (Levanter's
+    "linear" schedule with decay=0.2 is warmup-stable-decay). beta2 and lr come from the grid."""
+    return OptimConfig(name="c_adamc", beta1=0.95, eps=1e-15, weight_decay=0.1, grad_clip=1.0,
                        schedule="wsd", warmup=0.1, decay=0.2, min_lr_ratio=0.0)
+
+
+MARIN_ROPE_SCALING = RopeScalingConfig(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=8192)
+"""Levanter's ``Llama3RotaryEmbeddingsConfig()`` defaults, as the released checkpoints export them."""
 
 
 def marin() -> SweepConfig:
     train = TrainConfig(
-        model=ModelConfig(qk_norm=True, tie_embeddings=False, rope_theta=500000.0),
+        model=ModelConfig(qk_norm=True, tie_embeddings=False, rope_theta=500000.0,
+                          rope_scaling=copy.deepcopy(MARIN_ROPE_SCALING), norm_eps=1e-5),
         data=DataConfig(seq_len=4096),
         optim=_marin_optim(),
         seed=0,
         ckpt_interval=1000,
         eval_interval=0,
-        eval_batches=32,
+        eval_tokens=2**21,  # 512 held-out windows of 4096 tokens for every run
         log_interval=100,
         progress=False,
     )
@@ -90,7 +110,7 @@ def _small_train(seq_len: int, ckpt_interval: int) -> TrainConfig:
         seed=0,
         ckpt_interval=ckpt_interval,
         eval_interval=0,
-        eval_batches=8,
+        eval_tokens=64 * seq_len,
         log_interval=10,
         progress=False,
     )
@@ -225,7 +245,7 @@ def measure_with_trainer(cfg: SweepConfig, device: str, hidden: int, steps: int 
     with tempfile.TemporaryDirectory() as out:
         run = TrainConfig(model=model, data=DataConfig(path=cfg.datasets[0].path, seq_len=cfg.seq_len),
                           steps=steps, micro_batch=batch, out_dir=out, device=device, progress=False,
-                          eval_batches=1, log_interval=steps)
+                          eval_tokens=batch * cfg.seq_len, log_interval=steps)
         train(run, data=data, on_step=lambda done, _: stamps.append(time.perf_counter()))
     tokens = (len(stamps) - 1) * batch * cfg.seq_len
     return flops_per_token_train(model, cfg.seq_len) * tokens / (stamps[-1] - stamps[0])

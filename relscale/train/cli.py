@@ -1,4 +1,4 @@
-"""``relscale train CONFIG [key=value ...] [--resume]`` (also ``python -m relscale.train``)."""
+"""``relscale train CONFIG [key=value ...] [--resume] [--threads N]`` (also ``python -m relscale.train``)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true",
         help="continue from the latest checkpoint in out_dir (a finished run is reported as it is)",
     )
+    parser.add_argument(
+        "--threads", type=int, metavar="N",
+        help="torch CPU threads per process (torch.set_num_threads); default: torch's choice, usually "
+             "one per core. On a shared machine a small N avoids oversubscription",
+    )
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)``; None keeps torch's default. Raises ConfigError if < 1."""
+    if threads is None:
+        return
+    from relscale.errors import ConfigError
+
+    if threads < 1:
+        raise ConfigError(f"--threads: {threads} must be >= 1")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> int:
     from relscale.config import load_train_config
     from relscale.train import train
 
+    set_threads(getattr(args, "threads", None))
     cfg = load_train_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -32,7 +32,7 @@ from relscale.counting import param_counts, run_flops
 from relscale.errors import ConfigError, RelscaleError
 from relscale.train import checkpoint as ckpt
 from relscale.train.metrics import MetricsLog, finite_or_none, peak_flops, peak_memory_mb, progress_bar
-from relscale.train.optim import build_optimizer, lr_at, resolve_settings, set_lr
+from relscale.train.optim import build_optimizer, lr_at, set_lr
 from relscale.train.parallel import DistEnv, all_reduce_sum, barrier, init_distributed, shard_model, teardown
 
 if TYPE_CHECKING:
@@ -54,6 +54,69 @@ class TrainingDiverged(RelscaleError):
             f"training diverged at step {step}: loss {loss}{detail}; the weights were not updated and "
             "the last good checkpoint is kept (try a lower optim.lr)"
         )
+
+
+class NonFiniteValidationLoss(TrainingDiverged):
+    """The validation loss was NaN/inf: the weights are not usable, so the run is not done."""
+
+    def __init__(self, step: int, loss: float):
+        self.step, self.loss = step, loss
+        RelscaleError.__init__(
+            self,
+            f"validation loss is {loss} after step {step}: the weights give a non-finite loss on held-out "
+            "text, so the run is not done (recorded as diverged; no checkpoint or model of these weights "
+            "is written)",
+        )
+
+
+class OutDirInUse(RelscaleError):
+    """Another training process holds the lock of this out_dir."""
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: Path, env: DistEnv):
+    """Hold ``out_dir/.lock`` (an exclusive ``fcntl.flock``) for the run, so that a second trainer
+    on the same out_dir refuses to start instead of unlinking the first's metrics. Rank 0 takes
+    the lock and every rank learns the outcome. The kernel drops the lock when the process
+    ends, however it ends (kill -9 included), so a crashed run never leaves it stuck.
+
+    Raises OutDirInUse naming the out_dir and the holder's process id.
+    """
+    import fcntl
+    import os
+    import socket
+
+    handle, held = None, 1.0
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir / LOCK, "a+")  # noqa: SIM115 -- held open for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            handle, held = None, 0.0
+            message = (f"out_dir: {out_dir} is in use by another training run ({holder} holds "
+                       f"{out_dir / LOCK}); wait for it to end or choose another out_dir")
+    if env.distributed:
+        flag = torch.tensor([held], device=env.device)
+        torch.distributed.broadcast(flag, src=0)
+        held = float(flag.item())
+    if not held:
+        raise OutDirInUse(message if env.is_main else f"out_dir: {out_dir} is in use by another training run")
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
 
 
 @dataclass
@@ -115,7 +178,8 @@ def train(
     env = init_distributed(cfg.device)
     try:
         on_step = _with_dumps(cfg, env.world_size, on_step)
-        return _Run(cfg, env, started, resume, data, progress, on_step).run()
+        with out_dir_lock(Path(cfg.out_dir).expanduser().resolve(), env):
+            return _Run(cfg, env, started, resume, data, progress, on_step).run()
     finally:
         teardown(env)
 
@@ -196,7 +260,7 @@ class _Run:
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed)  # every rank builds the same weights, as one process would
         with torch.device(env.device):
-            model = Transformer(cfg.model)
+            model = Transformer(cfg.model, activation_checkpointing=cfg.activation_checkpointing)
         if cfg.compile:
             for block in model.blocks:
                 block.compile()  # in place: state-dict keys stay the same
@@ -225,8 +289,7 @@ class _Run:
             else contextlib.nullcontext()
         )
         model = self._build_model()
-        settings = resolve_settings(cfg.optim, self.global_batch)
-        optimizer = build_optimizer(model, settings, env.device.type)
+        optimizer = build_optimizer(model, cfg.optim, env.device.type)
 
         from relscale.data import SequenceLoader
 
@@ -250,13 +313,13 @@ class _Run:
         log = MetricsLog(self.out_dir / METRICS, env.is_main, start_step if latest is not None else None)
         bar = progress_bar(cfg.steps, start_step, self.show_progress)
         try:
-            return self._loop(model, optimizer, settings, loader, log, bar, start_step, prior_wall, last_loss)
+            return self._loop(model, optimizer, loader, log, bar, start_step, prior_wall, last_loss)
         finally:
             log.close()
             if bar is not None:
                 bar.close()
 
-    def _loop(self, model, optimizer, settings, loader, log, bar, start_step, prior_wall, last_loss):
+    def _loop(self, model, optimizer, loader, log, bar, start_step, prior_wall, last_loss):
         cfg, env = self.cfg, self.env
         flops_per_step = run_flops(cfg.model, cfg.data.seq_len, self.tokens_per_step).flops_train
         peak = peak_flops(env.device)
@@ -267,7 +330,7 @@ class _Run:
             lr = lr_at(cfg.optim, step, cfg.steps)
             set_lr(optimizer, lr)
             loss = self._forward_backward(model, loader)
-            grad_norm = self._grad_norm(model, settings.grad_clip)
+            grad_norm = self._grad_norm(model, cfg.optim.grad_clip)
             loss_value, norm_value = loss.item(), grad_norm.item()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 self._diverged(step + 1, loss_value, norm_value, prior_wall)
@@ -299,6 +362,7 @@ class _Run:
                 val_loss = self._evaluate(model)
                 if val_loss is not None:
                     log.write({"step": done, "val_loss": val_loss})
+                    self._check_val_loss(done, val_loss, loss_value, prior_wall)
                 mark_time, mark_step = time.perf_counter(), done  # not training throughput
             if done == cfg.steps or (cfg.ckpt_interval and done % cfg.ckpt_interval == 0):
                 ckpt.save_checkpoint(
@@ -310,6 +374,8 @@ class _Run:
                 mark_time, mark_step = time.perf_counter(), done
         if val_loss is None and start_step == cfg.steps:  # resumed from the final checkpoint
             val_loss = self._evaluate(model)
+            if val_loss is not None:
+                self._check_val_loss(cfg.steps, val_loss, last_loss, prior_wall)
         model_dir = self._save_final(model)
         return self._finish("done", cfg.steps, last_loss, val_loss, prior_wall, time_to_first_step, model_dir)
 
@@ -345,24 +411,36 @@ class _Run:
 
     # ------------------------------------------------------------------------- validation
     def _validation_batches(self) -> list:
+        """The held-out windows every validation pass measures: the first ``cfg.eval_windows``
+        windows of the val split (all, if fewer), in batches of ``micro_batch`` windows. The
+        windows depend on eval_tokens and seq_len only, so runs that differ in micro_batch,
+        grad_accum or world size are scored on the same text."""
         if self._val_batches is None:
-            from relscale.data import validation_batches
+            from relscale.data import Batch, document_segments, validation_batches
 
             cfg, data = self.cfg, self.data
             has_val = "val" in data.splits and data.n_tokens("val") > cfg.data.seq_len
-            if not has_val or not cfg.eval_batches:
-                self._val_batches = []
-            else:
-                self._val_batches = list(validation_batches(
-                    data, cfg.data.seq_len, cfg.micro_batch, cfg.eval_batches,
-                    doc_masking=cfg.data.doc_masking, device=self.env.device,
-                ))
+            self._val_batches = []
+            if has_val and cfg.eval_windows:
+                (whole,) = validation_batches(
+                    data, cfg.data.seq_len, cfg.eval_windows, 1, doc_masking=cfg.data.doc_masking,
+                    device="cpu",
+                )
+                for first in range(0, whole.tokens.shape[0], cfg.micro_batch):
+                    rows = slice(first, first + cfg.micro_batch)
+                    tokens = whole.tokens[rows]
+                    positions, cu_seqlens = document_segments(
+                        tokens.numpy(), data.eos_id, cfg.data.doc_masking
+                    )
+                    batch = Batch(tokens, whole.targets[rows], torch.from_numpy(positions),
+                                  torch.from_numpy(cu_seqlens), max_seqlen=whole.max_seqlen)
+                    self._val_batches.append(batch.to(self.env.device))
         return self._val_batches
 
     @torch.no_grad()
     def _evaluate(self, model: nn.Module) -> float | None:
-        """Token-weighted mean loss over the first eval_batches validation batches. Ranks take
-        every world_size-th batch; a rank without one in the last round runs a zero-weight
+        """Token-weighted mean loss over the validation windows (see _validation_batches). Ranks
+        take every world_size-th batch; a rank without one in the last round runs a zero-weight
         forward, since FSDP needs every rank in every forward."""
         batches = self._validation_batches()
         if not batches:
@@ -444,6 +522,15 @@ class _Run:
             atomic_write_text(self.out_dir / RESULT, json.dumps(payload, indent=2))
         barrier(self.env)
         return result
+
+    def _check_val_loss(self, step: int, val_loss: float, train_loss: float | None,
+                        prior_wall: float) -> None:
+        """A non-finite validation loss ends the run as diverged (never "done")."""
+        if math.isfinite(val_loss):
+            return
+        extra = {"diverged_step": step, "diverged_loss": repr(val_loss), "diverged_on": "validation"}
+        self._finish("diverged", step, train_loss, None, prior_wall, None, None, extra)
+        raise NonFiniteValidationLoss(step, val_loss)
 
     def _diverged(self, step: int, loss: float, grad_norm: float, prior_wall: float) -> None:
         extra = {"diverged_step": step, "diverged_loss": repr(loss), "diverged_grad_norm": repr(grad_norm)}

@@ -26,7 +26,7 @@ def small_overrides(data_path: Path, out_dir: Path, *overrides: str) -> list[str
     return [
         f"data.path={str(data_path)!r}", f"out_dir={str(out_dir)!r}", "model.vocab_size=4096",
         "model.hidden=32", "model.layers=2", "model.heads=2", "model.max_seq_len=32", "data.seq_len=32",
-        "micro_batch=4", "steps=20", "log_interval=1", "eval_batches=2", "progress=false",
+        "micro_batch=4", "steps=20", "log_interval=1", "eval_tokens=256", "progress=false",
         "optim.lr=3e-3", "optim.warmup=0.1", *overrides,
     ]
 
