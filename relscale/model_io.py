@@ -1,18 +1,27 @@
 """Final weights on disk: one safetensors file plus the model config (JSON), loadable without
 torch.distributed, and readable by anything that reads safetensors.
 
-Layout of a model directory::
+Layout of a model directory (``<run>/final``), every path in it relative to the folder so the
+folder (or the run folder around it) can be moved or copied and still evaluates::
 
     model.safetensors   state dict of relscale.model.Transformer (tied weights stored once)
-    config.json         {"format": "relscale-model", "model": {...ModelConfig...}, "meta": {...}}
+    tokenizer.json      the tokenizer the model was trained with (a copy of the prepared data's)
+    config.json         {"format": "relscale-model", "model": {...ModelConfig...}, "meta": {...},
+                         "tokenizer": {"file": "tokenizer.json", "eos_id": 0}}
 
 ``meta`` carries what evaluation and fitting need to know about the run: training tokens,
-FLOPs in both conventions, sequence length, the prepared-data directory (for the tokenizer).
+FLOPs in both conventions, sequence length, the prepared-data directory (where the held-out
+split lives). ``tokenizer`` is absent for folders written before the tokenizer was stored, or
+without one; readers then fall back to the prepared data named by ``meta["data_path"]``.
+``config.json`` is written last: a folder with a config is complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,36 +35,119 @@ from relscale.model import Transformer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
 FORMAT = "relscale-model"
 
 
-def save_model(model: Transformer, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``model``'s full (unsharded) weights and config to ``out_dir`` atomically."""
+def _data_tokenizer(data_path: str | Path) -> tuple[Path, int | None]:
+    """(tokenizer.json, EOS id) of a prepared-data folder (its manifest names both)."""
+    from relscale.data import PreparedData
+
+    data = PreparedData(data_path)
+    return data.data_dir / data.manifest["tokenizer"]["file"], data.eos_id
+
+
+def save_model(
+    model: Transformer,
+    out_dir: str | Path,
+    meta: dict[str, Any] | None = None,
+    *,
+    tokenizer: str | Path | None = None,
+    eos_id: int | None = None,
+) -> Path:
+    """Write ``model``'s full (unsharded) weights, its tokenizer and config to ``out_dir`` atomically.
+
+    ``tokenizer``: a ``tokenizers`` JSON file copied to ``out_dir/tokenizer.json``, with
+    ``eos_id`` the token that separates documents (the beginning token when scoring). Without
+    it, the tokenizer of the prepared data at ``meta["data_path"]`` (and its EOS) is copied when
+    that folder can be read; otherwise (with a warning) none is stored and readers fall back to
+    ``data_path``. Returns ``out_dir``. Raises OSError as the file system does.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    if tokenizer is None and meta.get("data_path"):
+        try:
+            tokenizer, data_eos = _data_tokenizer(meta["data_path"])
+        except (DataError, OSError, KeyError) as err:
+            warnings.warn(f"{out}: no tokenizer stored with the weights ({err})", stacklevel=2)
+        else:
+            eos_id = data_eos if eos_id is None else eos_id
+    tokenizer_entry = None
+    if tokenizer is not None:
+        source = Path(tokenizer)
+        if not source.is_file():
+            raise DataError(f"{source}: tokenizer file not found")
+        if not (out / TOKENIZER).exists() or not (out / TOKENIZER).samefile(source):
+            atomic_write(out / TOKENIZER, lambda tmp: shutil.copyfile(source, tmp))
+        tokenizer_entry = {"file": TOKENIZER, "eos_id": eos_id}
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state.pop("output.weight", None)  # the same storage as embed.weight
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp))
-    config = {"format": FORMAT, "model": to_dict(model.cfg), "meta": meta or {}}
+    config: dict[str, Any] = {"format": FORMAT, "model": to_dict(model.cfg), "meta": meta}
+    if tokenizer_entry is not None:
+        config["tokenizer"] = tokenizer_entry
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2))
     return out
 
 
-def read_model_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+def _read_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / CONFIG
     if not path.is_file():
         raise DataError(f"{path}: no model config (expected a directory written by relscale train)")
-    config = json.loads(path.read_text())
-    if config.get("format") != FORMAT:
-        raise DataError(f"{path}: not a relscale model config (format={config.get('format')!r})")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        got = config.get("format") if isinstance(config, dict) else None
+        raise DataError(f"{path}: not a relscale model config (format={got!r})")
+    return config
+
+
+def read_model_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """(ModelConfig, meta) of a model directory written by :func:`save_model`.
+
+    Raises DataError naming ``config.json`` when it is missing, not JSON or not ours."""
+    config = _read_config(model_dir)
     return model_config_from_dict(config["model"]), config.get("meta", {})
+
+
+def read_model_tokenizer(model_dir: str | Path) -> tuple[Path, int | None] | None:
+    """(path of the tokenizer.json stored with the weights, EOS id), or None when the folder
+    stores none (written before tokenizers were stored, or without one).
+
+    The path in config.json is relative to ``model_dir`` and must stay inside it; raises
+    DataError naming the file when config.json names a tokenizer that is missing or outside."""
+    model_dir = Path(model_dir)
+    entry = _read_config(model_dir).get("tokenizer")
+    if entry is None:
+        return None
+    where = model_dir / CONFIG
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise DataError(f"{where}: tokenizer.file={name!r} must be a file name inside {model_dir}")
+    path = model_dir / name
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer file named by {where} is missing")
+    eos_id = entry.get("eos_id")
+    if eos_id is not None and (not isinstance(eos_id, int) or isinstance(eos_id, bool)):
+        raise DataError(f"{where}: tokenizer.eos_id={eos_id!r} is not a token id")
+    return path, eos_id
+
+
+def tokenizer_key(path: str | Path) -> str:
+    """First 16 hex digits of the sha256 of a tokenizer file: equal keys tokenise identically."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def load_model(
     model_dir: str | Path, device: str | torch.device = "cpu", kernels: dict[str, str] | None = None
 ) -> tuple[Transformer, dict[str, Any]]:
-    """The model saved in ``model_dir`` and its ``meta``; ``kernels`` overrides backends."""
+    """The model saved in ``model_dir`` and its ``meta``; ``kernels`` overrides backends.
+
+    Raises DataError naming the file when the config or weights are missing or do not match."""
     cfg, meta = read_model_config(model_dir)
     for op, backend in (kernels or {}).items():
         setattr(cfg.kernels, op, backend)

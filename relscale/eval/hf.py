@@ -32,12 +32,19 @@ refused; the Hugging Face cache's own ``snapshots/<rev>/ -> ../../blobs/`` links
 Export writes our checkpoints in the same format (a Qwen3 config when the model has QK-norm,
 else Llama), plus the tokenizer and ``relscale_meta.json`` (training tokens, FLOPs) so a round
 trip keeps what the eval dumps need.
+
+Hub layout (last section): a checkpoint named ``isoflop-<budget>-d<d>-L<L>-B<B>-<sweep>`` (the
+released suite's names) gives its budget, training tokens and FLOPs (:func:`meta_from_name`),
+and a hub-cache repository ``models--ORG--NAME`` is read through its snapshot.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from relscale.atomic import atomic_write as atomic_write_with
 from relscale.atomic import atomic_write_text
 from relscale.config import ModelConfig, RopeScalingConfig
+from relscale.counting import flops_per_token_marin
 from relscale.errors import ConfigError, DataError
 from relscale.model import Transformer
 
@@ -488,3 +496,123 @@ def export_hf(
     atomic_write_text(out / "config.json", json.dumps(hf_config_of(cfg, eos_id), indent=2))
     atomic_write_text(out / META_FILE, json.dumps(meta or {}, indent=2, default=str))
     return out
+
+# ------------------------------------------------------------------------ hub names and layout
+# Released checkpoints as they are laid out on the Hugging Face hub: what their names say, and
+# where their files are in a download folder or the hub cache.
+#
+# The IsoFLOP checkpoints of "Relative Scaling Laws for LLMs" (Held et al. 2025; Marin's IsoFLOP
+# suite, marin-community/marin ``experiments/isoflop_sweep.py``) are named
+# ``isoflop-<budget>-d<hidden>-L<layers>-B<batch>-<sweep>``: ``<budget>`` is
+# ``f"{budget:.0e}"`` (``1e+18``; ``1ep18`` where ``+`` cannot appear, as in relscale's own grid
+# names), in Marin's forward-only FLOP convention (``relscale.counting.flops_per_token_marin``),
+# and ``<batch>`` the global batch in sequences. The run trained ``steps = round(budget / (F * B *
+# seq_len))`` steps (``relscale.sweep.grid``), so the name and the model config give the training
+# tokens and FLOPs that ``relscale fit`` needs: a folder of downloaded checkpoints is a sweep.
+# ``seq_len`` is the checkpoint's ``max_position_embeddings`` (Levanter's HF export writes its
+# training ``seq_len`` there) unless ``relscale_meta.json`` or ``--meta seq_len=`` says otherwise.
+
+FLOP_TOLERANCE = 0.01
+"""How far the FLOPs of ``steps`` whole steps may miss the named budget (Marin's sweep: 1%)."""
+
+_NAME = re.compile(
+    r"isoflop-(?P<mantissa>\d+(?:\.\d+)?)e(?P<sign>[-+pm]?)(?P<exponent>\d+)"
+    r"-d(?P<hidden>\d+)-L(?P<layers>\d+)-B(?P<batch>\d+)(?:-(?P<sweep>.+))?"
+)
+HUB_PREFIX = "models--"
+
+
+@dataclass(frozen=True)
+class CheckpointName:
+    """What an ``isoflop-<budget>-d<hidden>-L<layers>-B<batch>-<sweep>`` name states."""
+
+    budget: float  # FLOPs, Marin's forward-only convention
+    hidden: int
+    layers: int
+    batch: int  # global batch, sequences per optimizer step
+    sweep: str | None  # the rest of the name (the training corpus / experiment), if any
+
+
+def parse_checkpoint_name(name: str) -> CheckpointName | None:
+    """The fields of an IsoFLOP checkpoint name (the whole name must match), else None.
+
+    >>> parse_checkpoint_name("isoflop-1e+19-d2048-L21-B128-nemo").budget
+    1e+19
+    """
+    match = _NAME.fullmatch(name)
+    if match is None:
+        return None
+    sign = {"p": "+", "m": "-"}.get(match["sign"], match["sign"])
+    budget = float(f"{match['mantissa']}e{sign}{match['exponent']}")
+    hidden, layers, batch = int(match["hidden"]), int(match["layers"]), int(match["batch"])
+    return CheckpointName(budget, hidden, layers, batch, match["sweep"])
+
+
+def meta_from_name(name: str, cfg: ModelConfig, meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """``meta`` completed from an IsoFLOP checkpoint name: ``budget``, and when ``tokens`` is not
+    known, ``tokens = steps * batch * seq_len`` with the steps of the sweep rule (module
+    docstring), ``seq_len``, ``steps`` and ``global_batch``. Keys already in ``meta`` (from
+    ``relscale_meta.json`` or ``--meta``) win. A name that does not match is ignored.
+
+    Raises DataError naming ``where`` when the name's width or depth contradicts the config, or
+    when no whole number of steps reaches the named budget within 1% (the seq_len is then not
+    the training one: pass ``--meta seq_len=N`` or ``--meta tokens=N``).
+    """
+    parsed = parse_checkpoint_name(name)
+    if parsed is None:
+        return meta
+    if (parsed.hidden, parsed.layers) != (cfg.hidden, cfg.layers):
+        raise DataError(
+            f"{where}: the name {name!r} says d={parsed.hidden}, L={parsed.layers} but config.json has "
+            f"hidden_size={cfg.hidden}, num_hidden_layers={cfg.layers}"
+        )
+    out = dict(meta)
+    out.setdefault("budget", parsed.budget)
+    if out.get("tokens") is not None:
+        return out
+    budget = float(out["budget"])
+    seq_len = int(out.get("seq_len") or cfg.max_seq_len)
+    per_step = float(flops_per_token_marin(cfg, seq_len)) * seq_len * parsed.batch
+    steps = round(budget / per_step)
+    achieved = steps * per_step
+    if steps < 1 or not math.isclose(achieved, budget, rel_tol=FLOP_TOLERANCE):
+        raise DataError(
+            f"{where}: the name's budget {budget:.3g} FLOPs is not a whole number of steps of batch "
+            f"{parsed.batch} x seq_len {seq_len} ({budget / per_step:.3f} steps of {per_step:.4g} FLOPs); "
+            "pass the training length with --meta seq_len=N or the tokens with --meta tokens=N"
+        )
+    out.update(tokens=steps * parsed.batch * seq_len, seq_len=seq_len, steps=steps, global_batch=parsed.batch)
+    return out
+
+
+def is_hub_repo(path: Path) -> bool:
+    """Whether ``path`` is a repository folder of the Hugging Face cache (``models--ORG--NAME``)."""
+    return path.name.startswith(HUB_PREFIX) and (path / "snapshots").is_dir()
+
+
+def hub_snapshot(repo: Path) -> Path:
+    """The snapshot folder of a hub-cache repository: the revision ``refs/main`` points at, else
+    the only snapshot. Raises DataError naming the folder when that is ambiguous or missing."""
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = sorted(p for p in (repo / "snapshots").iterdir() if p.is_dir())
+    if len(snapshots) != 1:
+        found = [p.name for p in snapshots] or "none"
+        raise DataError(
+            f"{repo}: {len(snapshots)} snapshots ({found}) and no refs/main; pass the snapshot folder itself"
+        )
+    return snapshots[0]
+
+
+def model_name(path: Path) -> str:
+    """The name a checkpoint folder is known by: its own name, or for a hub-cache snapshot
+    (``models--ORG--NAME/snapshots/REV``) or repository the repository's NAME."""
+    path = Path(path)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith(HUB_PREFIX):
+        path = path.parent.parent
+    if path.name.startswith(HUB_PREFIX):
+        return path.name.split("--")[-1]
+    return path.name

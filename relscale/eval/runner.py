@@ -48,7 +48,7 @@ from relscale.eval.writer import (  # eval: is_finished_dump
     summarize,
     write_dump,
 )
-from relscale.model_io import CONFIG, FORMAT, load_model, read_model_config
+from relscale.model_io import CONFIG, FORMAT, load_model, read_model_config, read_model_tokenizer
 
 FINAL = "final"
 CHECKPOINTS = "checkpoints"
@@ -126,7 +126,39 @@ def _sweep_runs(sweep_dir: Path) -> list[tuple[str, Path, dict]]:
     return [(run_id, run_dir, row) for run_id, (run_dir, row) in runs.items()]
 
 
+def _hub_entry(repo: Path, required: bool = False) -> ModelEntry | None:
+    """eval-hf: the checkpoint of a hub-cache repository ``models--ORG--NAME``, model id NAME;
+    None (or, when ``required``, a DataError) if its snapshot is not a Hugging Face model."""
+    snapshot = hf.hub_snapshot(repo)
+    if not hf.is_hf_dir(snapshot):
+        if required:
+            raise DataError(f"{snapshot}: not a Hugging Face model (no config.json with a model_type)")
+        return None
+    return ModelEntry("hf", snapshot, hf.model_name(repo))
+
+
+def _folder_entries(folder: Path, checkpoints: bool) -> list[ModelEntry]:
+    """eval-hf: the models directly inside a folder of checkpoints -- Hugging Face folders (e.g.
+    downloaded released checkpoints), hub-cache repositories, relscale model folders and runs --
+    in name order, each under its folder name; anything else in the folder is ignored."""
+    entries: list[ModelEntry] = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if _is_relscale_model(child):
+            entries.append(ModelEntry("relscale", child, child.name))
+        elif hf.is_hf_dir(child):
+            entries.append(ModelEntry("hf", child, child.name))
+        elif hf.is_hub_repo(child):
+            entry = _hub_entry(child)
+            entries += [entry] if entry is not None else []
+        elif _is_relscale_model(child / FINAL):
+            entries += _run_entries(child, child.name, checkpoints)
+    return entries
+
+
 def discover_models(paths: list[str | Path], *, checkpoints: bool = False) -> list[ModelEntry]:
+    """The models under ``paths``: relscale model folders, Hugging Face folders (or hub-cache
+    repositories), run folders, sweep folders, or a folder holding any of the first four.
+    Raises DataError naming a path that is none of these, or two models with one id."""
     entries: list[ModelEntry] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -138,7 +170,9 @@ def discover_models(paths: list[str | Path], *, checkpoints: bool = False) -> li
                 ModelEntry("relscale", path, run_id, None, path.parent if path.name == FINAL else None)
             )
         elif hf.is_hf_dir(path):
-            entries.append(ModelEntry("hf", path, path.name))
+            entries.append(ModelEntry("hf", path, hf.model_name(path)))  # eval-hf: hub snapshots by repo
+        elif hf.is_hub_repo(path):  # eval-hf: a repository folder of the Hugging Face cache
+            entries.append(_hub_entry(path, required=True))
         elif (path / "results.parquet").is_file() or (path / "marks").is_dir():
             runs = _sweep_runs(path)
             if not runs:
@@ -155,8 +189,10 @@ def discover_models(paths: list[str | Path], *, checkpoints: bool = False) -> li
                     f"{path}: run has no final weights (pass --checkpoints for its DCP checkpoints)"
                 )
             entries += found
+        elif path.is_dir() and (found := _folder_entries(path, checkpoints)):  # eval-hf
+            entries += found
         elif path.exists():
-            raise DataError(f"{path}: not a model, Hugging Face, run or sweep directory")
+            raise DataError(f"{path}: not a model, Hugging Face, run or sweep folder, nor a folder of them")
         else:
             raise DataError(f"{path}: no such model directory")
     ids = [e.model_id for e in entries]
@@ -216,7 +252,17 @@ def read_info(entry: ModelEntry, opts: RunOptions) -> ModelInfo:
     else:
         cfg, meta = _checkpoint_info(entry)
     meta = {**meta, **opts.meta}
+    # eval-hf: budget, tokens and FLOPs of an isoflop-<budget>-d<d>-L<L>-B<B>-<sweep> checkpoint
+    meta = hf.meta_from_name(_entry_name(entry), cfg, meta, str(entry.path))
     return ModelInfo(cfg, meta, _resolve_data_dir(opts.sets.data_dir, meta))
+
+
+def _entry_name(entry: ModelEntry) -> str:
+    """eval-hf: the folder name that describes a model: its own (a hub snapshot: the repository
+    name), or the run folder's for a run's final weights and checkpoints."""
+    if entry.kind == "hf":
+        return hf.model_name(entry.path)
+    return (entry.run_dir or entry.path).name
 
 
 def _checkpoint_info(entry: ModelEntry) -> tuple[ModelConfig, dict[str, Any]]:
@@ -319,6 +365,18 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def _own_tokenizer(entry: ModelEntry) -> tuple[Path, int | None] | None:
+    """eval-hf: (tokenizer.json, EOS id) stored next to a relscale model's weights (for a run's
+    DCP checkpoints: its final/ folder's), so a moved run folder needs no prepared data."""
+    if entry.kind == "relscale":
+        folder = entry.path
+    elif entry.kind == "dcp" and entry.run_dir is not None:
+        folder = entry.run_dir / FINAL
+    else:
+        return None
+    return read_model_tokenizer(folder) if _is_relscale_model(folder) else None
+
+
 def load_tokenizer_for(entry: ModelEntry, info: ModelInfo, opts: RunOptions) -> TokenizerInfo:
     """The tokenizer of a model and its start tokens under ``opts.start_token`` (eval: policies
     in :func:`relscale.eval.scoring.resolve_start`)."""
@@ -337,6 +395,9 @@ def load_tokenizer_for(entry: ModelEntry, info: ModelInfo, opts: RunOptions) -> 
         tokenizer = hf.load_hf_tokenizer(entry.path)
         where, key = str(entry.path), _file_key(entry.path / "tokenizer.json")
         bos_id, eos_id, add_bos = hf_special_tokens(entry.path, tokenizer)
+    elif (own := _own_tokenizer(entry)) is not None:  # eval-hf: tokenizer.json saved with the weights
+        tokenizer, where, key = Tokenizer.from_file(str(own[0])), str(own[0]), _file_key(own[0])
+        bos_id, eos_id, add_bos = None, own[1], None  # our data: an EOS between documents
     else:
         if info.data_dir is None:
             raise DataError(f"{entry.path}: the model's meta names no data_path; pass --data or --tokenizer")
@@ -582,7 +643,8 @@ def make_dump_hook(
         entry = ModelEntry("live", Path(f"{run_id}@training"), f"{run_id}@step_{step:07d}", step)
         info = ModelInfo(cfg, {**meta, **opts.meta}, opts.sets.data_dir)
         if "tok" not in state:
-            state["tok"] = load_tokenizer_for(ModelEntry("relscale", Path("."), run_id), info, opts)
+            # eval-hf: "live": no model folder to read a tokenizer from, only the data
+            state["tok"] = load_tokenizer_for(ModelEntry("live", Path("."), run_id), info, opts)
         tok = state["tok"]
         is_main = (
             not (torch.distributed.is_available() and torch.distributed.is_initialized())
