@@ -386,6 +386,7 @@ class ScoreResult:
     tokens_real: int  # of which not padding
     tokens_scored: int
     seconds: float
+    greedy: np.ndarray | None = None  # bool (n_requests,): every scored token was the argmax
 
 
 @contextlib.contextmanager
@@ -418,8 +419,28 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def score_requests(model: torch.nn.Module, requests: list[Request], settings: ScoreSettings) -> ScoreResult:
-    """Summed NLL of every request's scored tokens, from packed, document-masked batches."""
+def _greedy_losses(core, tokens, targets, positions, cu_seqlens, max_seqlen):
+    """Per-token losses (B*S,) and whether each scored target is the argmax (B*S,) bool, with
+    logits only at the scored positions (the head runs on those rows alone)."""
+    hidden = core.hidden_states(tokens, positions, cu_seqlens, max_seqlen)
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    scored = torch.nonzero(flat_t >= 0).squeeze(1)
+    logp = torch.log_softmax(core.output(flat_h[scored]).float(), dim=-1)
+    chosen = flat_t[scored]
+    losses = torch.zeros(flat_t.shape, dtype=torch.float32, device=flat_t.device)
+    losses[scored] = -logp.gather(1, chosen[:, None])[:, 0]
+    greedy = torch.ones(flat_t.shape, dtype=torch.bool, device=flat_t.device)
+    greedy[scored] = logp.argmax(dim=-1) == chosen
+    return losses, greedy
+
+
+def score_requests(
+    model: torch.nn.Module, requests: list[Request], settings: ScoreSettings, *, greedy: bool = False
+) -> ScoreResult:
+    """Summed NLL of every request's scored tokens, from packed, document-masked batches.
+
+    ``greedy``: also whether every scored token is the model's argmax (lm-eval's ``is_greedy``),
+    in ``ScoreResult.greedy``; the head then runs on the scored positions only, in fp32."""
     stride, pack_len, batch_rows = settings.resolved()
     device = model_device(model)
     # Past a torch.compile wrapper: eval shapes would trigger recompiles; FSDP's hooks live on
@@ -429,6 +450,7 @@ def score_requests(model: torch.nn.Module, requests: list[Request], settings: Sc
     # One extra slot collects the (zero) losses of unscored positions, so no boolean indexing
     # (and no host-device sync) is needed per batch.
     sums = torch.zeros(n + 1, dtype=torch.float64, device=device)
+    misses = torch.zeros(n + 1, dtype=torch.int64, device=device)  # non-argmax scored tokens
     tokens_forward = real = 0
     batches = iter_batches(requests, settings.context, stride, pack_len, batch_rows)
     if settings.progress:
@@ -444,21 +466,28 @@ def score_requests(model: torch.nn.Module, requests: list[Request], settings: Sc
                 for a in (batch.tokens, batch.targets, batch.positions, owner)
             )
             cu_seqlens = torch.from_numpy(batch.cu_seqlens).to(device, non_blocking=True)
-            losses = forward(
-                tokens,
-                targets,
-                positions=positions,
-                cu_seqlens=cu_seqlens,
-                max_seqlen=batch.max_seqlen,
-                reduction="none",
-            )
+            if greedy:
+                losses, is_max = _greedy_losses(
+                    forward, tokens, targets, positions, cu_seqlens, batch.max_seqlen
+                )
+                misses.index_add_(0, owner_t, (~is_max).long())
+            else:
+                losses = forward(
+                    tokens,
+                    targets,
+                    positions=positions,
+                    cu_seqlens=cu_seqlens,
+                    max_seqlen=batch.max_seqlen,
+                    reduction="none",
+                )
             sums.index_add_(0, owner_t, losses.reshape(-1).double())
             tokens_forward += batch.tokens.size
             real += batch.n_real_tokens
     nll = sums[:n].cpu().numpy()
     seconds = time.perf_counter() - start
     scored = sum(r.n_scored for r in requests)
-    return ScoreResult(nll, tokens_forward, real, scored, seconds)
+    is_greedy = (misses[:n] == 0).cpu().numpy() if greedy else None
+    return ScoreResult(nll, tokens_forward, real, scored, seconds, is_greedy)
 
 
 # -------------------------------------------------------------------------------------- metrics

@@ -123,7 +123,8 @@ def test_mmlu_hub_layout_letters_five_shot(tmp_path):
     eval_set = load_eval_set(str(tmp_path / "mmlu"), SetOptions(shots=5))
     assert eval_set.name == "mmlu-letters-5shot" and len(eval_set.examples) == 6
     ex = eval_set.examples[1]
-    assert ex.groups == {"subject": "world_religions", "category": "humanities"} and ex.example_id == "world_religions/1"
+    assert ex.groups == {"subject": "world_religions", "category": "humanities"}
+    assert ex.example_id == "world_religions/1"
     assert ex.continuations == [" A", " B", " C", " D"] and ex.answer == 1
     parts = ex.context.split("\n\n")
     assert parts[0] == "The following are multiple choice questions (with answers) about world religions."

@@ -142,7 +142,8 @@ def test_multiple_choice_logprobs_and_probabilities(tmp_path, model, tokenizer):
         # bpb of the right answer: its scored tokens are " " + the choice here (no split character)
         right = example.continuations[example.answer]
         assert row["n_bytes"] == len(right.encode("utf-8"))
-        assert row["bpb"] == pytest.approx(-expected[example.answer] / (math.log(2) * row["n_bytes"]), rel=2e-6)
+        bpb = -expected[example.answer] / (math.log(2) * row["n_bytes"])
+        assert row["bpb"] == pytest.approx(bpb, rel=2e-6)
         assert row["prompt"] == example.context
         probs = np.exp(expected) / np.exp(expected).sum()
         assert row["prob_correct"] == pytest.approx(probs[example.answer], rel=1e-5)

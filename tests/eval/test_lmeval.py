@@ -1,0 +1,125 @@
+"""relscale's scores equal lm-evaluation-harness's (``--model hf``, default settings,
+``--log_samples``) on random-init transformers Qwen3 and Llama checkpoints with a local BPE:
+MMLU-format 5-shot (a question with a trailing space), Anthropic advanced-ai-risk, a template
+ending in a space, and rolling log-likelihood with several windows -- per choice and per
+document to 1e-4 nats. lm-eval runs through its Python API on local YAML tasks, offline."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from relscale.eval.formats import SetOptions
+from relscale.eval.runner import RunOptions, evaluate
+
+from .lmeval_fixtures import (
+    TASKS,
+    build_tokenizer,
+    run_lm_eval,
+    sample_logprobs,
+    sample_pairs,
+    write_hf_model,
+    write_tasks,
+)
+
+lm_eval = pytest.importorskip(
+    "lm_eval", reason="lm-eval is not installed (extra: pip install 'relscale[lmeval]')"
+)
+pytest.importorskip("transformers", reason="transformers is not installed (extra: relscale[interop])")
+pytest.importorskip("accelerate", reason="lm-eval's HF model needs accelerate (extra: relscale[lmeval])")
+
+TOL = 1e-4  # nats
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    saved = {
+        k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")
+    }
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    return write_tasks(tmp_path_factory.mktemp("lmeval_tasks"))
+
+
+def relscale_dumps(model_dir, files, out) -> dict[str, pd.DataFrame]:
+    """relscale eval on the same data, each set with its layout's defaults (as a user would)."""
+    runs = {
+        "mmlu": (f"mmlu:{files['mmlu']}", SetOptions(shots=5)),
+        "ai_risk": (f"anthropic:{files['ai_risk']}", SetOptions()),
+        "spaced": (
+            f"spaced=mc:{files['spaced']}",
+            SetOptions(template="Question: {question}\nAnswer: ", choice_sep=""),
+        ),
+        "rolling": (f"text:{files['texts']}", SetOptions()),
+    }
+    frames = {}
+    for key, (spec, sets) in runs.items():
+        outcomes = evaluate([model_dir], [spec], RunOptions(out_dir=out, sets=sets, quiet=True))
+        frame = pd.read_parquet(outcomes[0].path)
+        first = frame.grouping.iloc[0]
+        frames[key] = frame[frame.grouping == first].reset_index(drop=True)
+    return frames
+
+
+def lm_eval_by_context(samples: list[dict]) -> dict[str, dict]:
+    return {sample_pairs(s)[0][0]: s for s in samples}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_per_choice_and_rolling_loglikelihoods_equal_lm_eval_hf(tmp_path, bpe, task_files, family):
+    model_dir = write_hf_model(tmp_path / family, family, bpe, seed=1 if family == "llama" else 0)
+    ours = relscale_dumps(model_dir, task_files, tmp_path / "evals")
+    theirs = run_lm_eval("hf", f"pretrained={model_dir},dtype=float32", task_files["tasks"], TASKS)["samples"]
+
+    # The spaced word is one token, so the boundary rule matters for the template ending in " ".
+    assert len(bpe.encode(" Paris").ids) == 1
+
+    mmlu = {
+        **lm_eval_by_context(theirs["t_mmlu_anatomy"]),
+        **lm_eval_by_context(theirs["t_mmlu_world_religions"]),
+    }
+    checks = [
+        ("mmlu", mmlu),
+        ("ai_risk", lm_eval_by_context(theirs["t_ai_risk"])),
+        ("spaced", lm_eval_by_context(theirs["t_spaced"])),
+    ]
+    for key, reference in checks:
+        frame = ours[key]
+        assert len(frame) == len(reference), key
+        for row in frame.itertuples():
+            sample = reference[row.prompt]  # the rendered prompts are identical strings
+            assert [c for _, c in sample_pairs(sample)] == list(row.choices), key
+            np.testing.assert_allclose(
+                row.choice_logprobs, sample_logprobs(sample), atol=TOL, rtol=0, err_msg=key
+            )
+            assert row.acc == sample["acc"], key
+            if "acc_norm" in sample:
+                assert row.acc_norm == sample["acc_norm"], key
+    # the MMLU question with a trailing space is stripped in its own prompt and as a shot
+    assert any("? \n" not in p and "?\nA." in p for p in ours["mmlu"].prompt)
+    assert not any("? \nA." in p for p in ours["mmlu"].prompt)
+
+    rolling = {s["doc"]["id"]: -sample_logprobs(s)[0] for s in theirs["t_rolling"]}
+    frame = ours["rolling"].set_index("example_id")
+    assert sorted(frame.index) == sorted(rolling)
+    assert frame.n_tokens.max() > 2 * 128, "a document must need several windows"
+    for doc_id, nll in rolling.items():
+        assert frame.loc[doc_id, "nll"] == pytest.approx(nll, abs=TOL), doc_id
