@@ -22,7 +22,7 @@ then claiming afresh.
 
 Heartbeats are a compare-and-set on the lease's inode, never a rewrite of the name: the owner
 keeps a second, private hard link ``leases/.<run_id>.own-<token>`` to its lease and heartbeats by
-touching that inode's mtime (the heartbeat time is the later of the JSON's and the mtime). It
+touching that inode's mtime (the heartbeat time is the mtime; the JSON keeps the claim's). It
 owns the run while ``leases/<run_id>`` is that same inode. A late heartbeat of a stalled worker
 therefore only ever refreshes its own (possibly already renamed-away) inode: it can never
 overwrite the lease of the worker that took the run over, and it reports the loss. A taker
@@ -181,8 +181,8 @@ class Lease:
 
 
 def _parse_lease(path: Path, run_id: str) -> Lease | None:
-    """The lease at ``path``; its heartbeat is the later of the JSON's and the file's mtime (a
-    heartbeat touches the inode). None if there is no lease file."""
+    """The lease at ``path``; its heartbeat time is the file's mtime (a heartbeat touches the
+    inode). None if there is no lease file."""
     try:
         text = path.read_text()
         mtime = path.stat().st_mtime
@@ -195,7 +195,7 @@ def _parse_lease(path: Path, run_id: str) -> Lease | None:
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
         # Unreadable content (a foreign or truncated file): judge it by its modification time.
         return Lease(run_id, "", "?", "", -1, 0, mtime, mtime)
-    lease.heartbeat = max(float(lease.heartbeat), mtime)
+    lease.heartbeat = mtime  # the heartbeat touches the inode; the JSON keeps the claim time
     return lease
 
 
