@@ -86,6 +86,7 @@ def plot_isoflop(result: IsoFlopResult, points=None):
             marker = "X" if flagged else "o"
             ax.plot(star, b.loss_opt, marker=marker, color="k", ms=6, mfc=color, ls="none")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())  # minor labels overlap within a decade
     ax.set_xlabel("parameters N" if result.fit_var == "params" else "tokens D")
     ax.set_ylabel("loss")
     ax.set_title("IsoFLOP profiles (X, dashed: minimum not measured)", fontsize=9)
