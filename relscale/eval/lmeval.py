@@ -32,6 +32,9 @@ from typing import Any
 from relscale.errors import ConfigError
 
 try:
+    # lm-eval fills its registry with its own models only while the registry is empty, so they
+    # are loaded first (lazily, by name) or registering ours would hide them.
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as err:  # the optional extra is not installed

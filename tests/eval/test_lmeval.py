@@ -123,3 +123,65 @@ def test_per_choice_and_rolling_loglikelihoods_equal_lm_eval_hf(tmp_path, bpe, t
     assert frame.n_tokens.max() > 2 * 128, "a document must need several windows"
     for doc_id, nll in rolling.items():
         assert frame.loc[doc_id, "nll"] == pytest.approx(nll, abs=TOL), doc_id
+
+
+def _flat_responses(samples: list[dict]) -> list[tuple]:
+    out = []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        for resp in sample["filtered_resps"]:
+            out.append(tuple(resp) if isinstance(resp, list | tuple) else (resp,))
+    return out
+
+
+@pytest.mark.slow
+def test_model_relscale_equals_model_hf_on_its_export(tmp_path, bpe, task_files):
+    """``--model relscale`` on a relscale checkpoint gives what ``--model hf`` gives on its HF
+    export: every request's log-likelihood (1e-4 nats), is_greedy, and every task metric."""
+    import relscale.eval.lmeval  # noqa: F401 -- registers --model relscale
+    from relscale.eval.hf import export_hf
+    from relscale.model_io import save_model
+
+    from .conftest import tiny_model
+    from .lmeval_fixtures import MAX_LEN
+
+    tok_path = tmp_path / "tokenizer.json"
+    bpe.save(str(tok_path))
+    model = tiny_model(bpe.get_vocab_size(), seed=3, max_seq_len=MAX_LEN)
+    final = tmp_path / "run" / "final"
+    save_model(model, final, {"tokens": 1000})
+    export_hf(model, tmp_path / "hf", tokenizer_path=tok_path, eos_token="<|endoftext|>")
+    ours = run_lm_eval("relscale", f"pretrained={final},tokenizer={tok_path}", task_files["tasks"], TASKS)
+    theirs = run_lm_eval("hf", f"pretrained={tmp_path / 'hf'},dtype=float32", task_files["tasks"], TASKS)
+    for task in TASKS:
+        got, expected = _flat_responses(ours["samples"][task]), _flat_responses(theirs["samples"][task])
+        assert len(got) == len(expected) > 0, task
+        np.testing.assert_allclose(
+            [g[0] for g in got], [e[0] for e in expected], atol=TOL, rtol=0, err_msg=task
+        )
+        if len(got[0]) > 1:  # loglikelihood requests: is_greedy too
+            assert [g[1] for g in got] == [e[1] for e in expected], task
+        for metric, value in theirs["results"][task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert ours["results"][task][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (
+                    task,
+                    metric,
+                )
+    assert ours["config"]["relscale_model_id"] == "run"
+
+
+def test_generation_is_refused_with_a_clear_message(tmp_path, bpe):
+    from relscale.eval.lmeval import RelscaleLM
+    from relscale.model_io import save_model
+
+    from .conftest import tiny_model
+
+    tok_path = tmp_path / "tokenizer.json"
+    bpe.save(str(tok_path))
+    save_model(tiny_model(bpe.get_vocab_size()), tmp_path / "m" / "final", {})
+    lm = RelscaleLM(pretrained=str(tmp_path / "m" / "final"), tokenizer=str(tok_path))
+    with pytest.raises(NotImplementedError, match="log-likelihoods only.*--export-hf"):
+        lm.generate_until([])
+    from relscale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown argument"):
+        RelscaleLM(pretrained=str(tmp_path / "m" / "final"), tokenizer=str(tok_path), temperature=0.5)
