@@ -117,14 +117,15 @@ def _check_flags(args: argparse.Namespace) -> None:
     """Refuse impossible flag values by flag name (DataError: one line, exit status 2)."""
     from relscale.data.tokenizer import MIN_VOCAB_SIZE
 
-    if args.vocab_size is not None and args.vocab_size < MIN_VOCAB_SIZE:
-        raise DataError(f"--vocab-size: {args.vocab_size} is too small; a byte-level BPE needs at least "
+    vocab_size, val_fraction = getattr(args, "vocab_size", None), getattr(args, "val_fraction", 0.1)
+    if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"--vocab-size: {vocab_size} is too small; a byte-level BPE needs at least "
                         f"{MIN_VOCAB_SIZE} (256 bytes + EOS)")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise DataError(f"--val-fraction: {args.val_fraction} must be in [0, 1)")
-    for flag, value in (("--shard-tokens", args.shard_tokens), ("--num-proc", args.num_proc),
-                        ("--max-docs", args.max_docs)):
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction: {val_fraction} must be in [0, 1)")
+    for flag in ("shard_tokens", "num_proc", "max_docs"):
+        value = getattr(args, flag, None)
         if value is not None and value < 1:
-            raise DataError(f"{flag}: {value} must be >= 1")
-    if args.verify and args.sources:
+            raise DataError(f"--{flag.replace('_', '-')}: {value} must be >= 1")
+    if getattr(args, "verify", None) and getattr(args, "sources", None):
         raise DataError("--verify DIR takes no SOURCE arguments")
