@@ -5,6 +5,7 @@ relscale eval sweeps/sotu --eval default --eval mmlu:data/mmlu --shots 5
 relscale eval runs/tiny --checkpoints                # every DCP checkpoint of a run too
 relscale eval hf/isoflop-1e19-d512 --eval text:ice/  # a Hugging Face Qwen3/Llama checkpoint
 relscale eval runs/tiny/final --export-hf hf/tiny    # write our weights as a HF checkpoint
+relscale eval --from-lm-eval lmeval_out --out evals  # lm-eval --log_samples output -> dumps
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from relscale.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("models", nargs="+", help="model, run, sweep or Hugging Face directories")
+    parser.add_argument(
+        "models", nargs="*", help="model, run, sweep or Hugging Face directories (not with --from-lm-eval)"
+    )
     parser.add_argument(
         "--eval",
         dest="evals",
@@ -48,7 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--tokenizer", type=Path, help="tokenizer.json to use instead of the model's own")
     data.add_argument(
-        "--start-token", help="beginning token (string or id); default: BOS if configured, else EOS"
+        "--start-token",
+        default="auto",
+        help="what precedes each context/document: auto (as lm-eval: the tokenizer's own special "
+        "tokens; documents start from its BOS, else EOS), bos, eos, none, or a token string/id "
+        "(default: auto)",
     )
     data.add_argument("--text-field", default="text", help="text field of JSONL/Parquet text sets")
     data.add_argument("--id-field", help="example id field (default: id or doc_id, else the row number)")
@@ -74,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score each document only after its first K tokens (conditional)",
     )
     scoring.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    scoring.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: torch's own; 1-2 on a busy machine)"
+    )
     scoring.add_argument(
         "--dtype",
         default="auto",
@@ -104,6 +114,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="instead of evaluating: write the (one) model as a Hugging Face checkpoint",
     )
+    other.add_argument(
+        "--from-lm-eval",
+        type=Path,
+        metavar="DIR",
+        help="instead of evaluating: turn lm-eval --log_samples output under DIR into dumps "
+        "(task/subtask as the 'subject' group); model columns from --meta and the run's pretrained",
+    )
+    other.add_argument("--model-id", help="with --from-lm-eval: the model id of the (one) run")
     other.add_argument("--quiet", action="store_true")
     other.add_argument("--progress", action="store_true", help="show a progress bar while scoring")
 
@@ -146,12 +164,20 @@ def run(args: argparse.Namespace) -> int:
     from relscale.eval.formats import SetOptions
     from relscale.eval.runner import RunOptions, evaluate
 
-    for name in ("context", "stride", "pack_len", "batch_tokens", "limit", "max_chars"):
+    for name in ("context", "stride", "pack_len", "batch_tokens", "limit", "max_chars", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {value}")
     if args.prefix_tokens < 0 or args.shots < 0:
         raise ConfigError("--prefix-tokens and --shots must be >= 0")
+    if args.from_lm_eval is not None:
+        return _from_lm_eval(args)
+    if not args.models:
+        raise ConfigError("relscale eval: give model directories (or --from-lm-eval DIR)")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.export_hf is not None:
         return _export(args)
     sets = SetOptions(
@@ -187,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=args.progress,
         quiet=args.quiet,
+        threads=args.threads,
     )
     evaluate(
         args.models, args.evals or ["default"], opts, checkpoints=args.checkpoints, steps=_steps(args.steps)
@@ -217,6 +244,25 @@ def _export(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(f"relscale eval: wrote {entry.model_id} as a Hugging Face checkpoint to {out}")
+    return 0
+
+
+def _from_lm_eval(args: argparse.Namespace) -> int:
+    from relscale.eval.from_lmeval import convert_lm_eval
+
+    if args.models:
+        raise ConfigError("--from-lm-eval converts lm-eval output; give no model directories with it")
+    outcomes = convert_lm_eval(
+        args.from_lm_eval,
+        args.out or Path("evals"),
+        meta=_parse_meta(args.meta),
+        model_id=args.model_id,
+        force=args.force,
+        quiet=args.quiet,
+    )
+    if not args.quiet:
+        written = sum(o.status == "written" for o in outcomes)
+        print(f"relscale eval: {written} dump(s) written from lm-eval output, {len(outcomes) - written} kept")
     return 0
 
 

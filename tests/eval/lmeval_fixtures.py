@@ -153,6 +153,15 @@ def write_tasks(root: Path) -> dict[str, Path]:
                 }
             )
         )
+    (tasks / "t_mmlu.yaml").write_text(
+        json.dumps(
+            {  # a group of the subject tasks, as lm-eval's mmlu
+                "group": "t_mmlu",
+                "task": [f"t_mmlu_{subject}" for subject in MMLU_SUBJECTS],
+                "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
+            }
+        )
+    )
     rng = random.Random(3)
     ai_risk = data / "power-seeking-inclination.jsonl"
     rows = []
@@ -238,9 +247,11 @@ def run_lm_eval(
     """lm_eval.simple_evaluate on local YAML tasks, offline, with --log_samples; when ``out`` is
     given the samples are also written the way ``lm_eval --output_path out --log_samples`` does."""
     import lm_eval
+    from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    tracker = EvaluationTracker(output_path=str(out)) if out is not None else None
     results = lm_eval.simple_evaluate(
         model=model,
         model_args=model_args,
@@ -250,15 +261,13 @@ def run_lm_eval(
         batch_size=1,
         device="cpu",
         bootstrap_iters=0,
+        evaluation_tracker=tracker,
     )
-    if out is not None:
-        from lm_eval.loggers import EvaluationTracker
-
-        tracker = EvaluationTracker(output_path=str(out))
+    if tracker is not None:  # as lm_eval's CLI saves them with --output_path --log_samples
         samples = results.pop("samples")
         tracker.save_results_aggregated(results=results, samples=samples)
         for task in results["configs"]:
-            tracker.save_results_samples(task=task, samples=samples[task])
+            tracker.save_results_samples(task_name=task, samples=samples[task])
         results["samples"] = samples
     return results
 

@@ -185,3 +185,70 @@ def test_generation_is_refused_with_a_clear_message(tmp_path, bpe):
 
     with pytest.raises(ConfigError, match="unknown argument"):
         RelscaleLM(pretrained=str(tmp_path / "m" / "final"), tokenizer=str(tok_path), temperature=0.5)
+
+
+@pytest.mark.slow
+def test_from_lm_eval_dumps_fit_by_subject(tmp_path, bpe, task_files):
+    """lm-eval --log_samples output of several relscale models -> relscale dumps (subjects of the
+    group as groups, values equal to the logged ones) -> relscale fit --grouping subject."""
+    import relscale.eval.lmeval  # noqa: F401 -- registers --model relscale
+    from relscale.cli import main
+    from relscale.model_io import save_model
+
+    from .conftest import tiny_model
+    from .lmeval_fixtures import MAX_LEN
+
+    tok_path = tmp_path / "tokenizer.json"
+    bpe.save(str(tok_path))
+    logged = {}
+    for k, hidden in enumerate((16, 32, 48)):
+        model = tiny_model(bpe.get_vocab_size(), seed=k, hidden=hidden, max_seq_len=MAX_LEN)
+        final = tmp_path / "runs" / f"h{hidden}" / "final"
+        save_model(model, final, {"tokens": 4000 * (k + 1), "seq_len": MAX_LEN})
+        results = run_lm_eval(
+            "relscale",
+            f"pretrained={final},tokenizer={tok_path}",
+            task_files["tasks"],
+            ["t_mmlu", "t_ai_risk", "t_rolling"],
+            out=tmp_path / "lm_eval_out",
+        )
+        logged[f"h{hidden}"] = results["samples"]
+    evals = tmp_path / "evals"
+    assert (
+        main(["eval", "--from-lm-eval", str(tmp_path / "lm_eval_out"), "--out", str(evals), "--quiet"]) == 0
+    )
+    mmlu = pd.read_parquet(evals / "lmeval-t_mmlu")
+    assert set(mmlu.model_id) == set(logged)
+    subjects = mmlu[mmlu.grouping == "subject"]
+    assert set(subjects.group) == {"t_mmlu_anatomy", "t_mmlu_world_religions"}
+    assert subjects.params.notna().all() and subjects.flops_marin.notna().all()
+    # the dump holds exactly what lm-eval logged
+    for sample in logged["h32"]["t_mmlu_anatomy"]:
+        row = subjects[
+            (subjects.model_id == "h32") & (subjects.example_id == f"t_mmlu_anatomy/{sample['doc_id']}")
+        ]
+        assert len(row) == 1
+        assert list(row.choice_logprobs.iloc[0]) == pytest.approx(sample_logprobs(sample), abs=1e-6)
+        assert row.acc.iloc[0] == sample["acc"] and row.prompt.iloc[0] == sample_pairs(sample)[0][0]
+    rolling = pd.read_parquet(evals / "lmeval-t_rolling")
+    assert (rolling.bpb > 0).all() and len(rolling) == 3 * 4 * 2  # models x docs x (subject, task)
+    fit_out = tmp_path / "fit"
+    code = main(
+        [
+            "fit",
+            str(evals / "lmeval-t_mmlu"),
+            "--grouping",
+            "subject",
+            "--metric",
+            "bpb",
+            "--out",
+            str(fit_out),
+        ]
+    )
+    assert code == 0 and any(fit_out.iterdir())
+    # a second conversion keeps the finished dumps
+    before = {p: p.read_bytes() for p in evals.rglob("*.parquet")}
+    assert (
+        main(["eval", "--from-lm-eval", str(tmp_path / "lm_eval_out"), "--out", str(evals), "--quiet"]) == 0
+    )
+    assert before == {p: p.read_bytes() for p in evals.rglob("*.parquet")}
