@@ -43,6 +43,11 @@ PROFILES = {
         "dtype": torch.bfloat16, "hidden": 128, "head_dims": (64,), "shapes": ((32, 64),),
         "packed": {"seq": 64, "tokens": 128, "mean_doc": 12, "head_dim": 64}, "warmup": 0, "rep": 0,
     },
+    # quick: the headline shape only (d=128, seq 4096, causal, 16k tokens), no packed documents
+    "quick": {
+        "dtype": torch.bfloat16, "hidden": 2048, "head_dims": (128,), "shapes": ((4096, 16384),),
+        "packed": None, "warmup": 25, "rep": 100,
+    },
     "full": {
         "dtype": torch.bfloat16, "hidden": 2048, "head_dims": (64, 128),
         # (seq, total tokens): every length at 16k tokens, the long ones also at 64k
@@ -317,9 +322,10 @@ def run(profile: str, device: str) -> list[dict]:
             raise ValueError("profile 'tune' times GPU block configurations; it needs --device cuda")
         return _tune_records(device)
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r} (ci, full, tune)")
+        raise ValueError(f"unknown profile {profile!r} (ci, quick, full, tune)")
     settings = PROFILES[profile]
-    return _causal_records(settings, device) + _packed_records(settings, device)
+    records = _causal_records(settings, device)
+    return records + (_packed_records(settings, device) if settings["packed"] else [])
 
 
 def _summary(records: list[dict]) -> str:
@@ -341,7 +347,7 @@ def _summary(records: list[dict]) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=("ci", "full", "tune"), default=None)
+    parser.add_argument("--profile", choices=("ci", "quick", "full", "tune"), default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     profile = args.profile or ("full" if torch.device(args.device).type == "cuda" else "ci")

@@ -43,6 +43,11 @@ PROFILES = {
         "ce": [(48, 257), (16, 1031)], "flce": [(48, 32, 257)], "dtype": torch.bfloat16,
         "compile_backend": "aot_eager", "copy_bytes": 1 << 22, "warmup_ms": 1, "rep_ms": 20,
     },
+    # quick: the Llama-3 vocabulary only, no torch.compile baseline (cold inductor compiles)
+    "quick": {
+        "ce": [(8192, 128256)], "flce": [(8192, 1024, 128256)], "dtype": torch.bfloat16,
+        "compile_backend": None, "copy_bytes": 1 << 30, "warmup_ms": 10, "rep_ms": 100,
+    },
     "full": {
         "ce": [(16384, 32000), (16384, 50304), (8192, 128256)],
         "flce": [(8192, h, v) for h in (1024, 2048) for v in (32000, 50304, 128256)],
@@ -93,8 +98,11 @@ def _cross_entropy_records(cfg: dict, device: str, copy_gbps: float, liger, lige
     from relscale.kernels.cross_entropy import cross_entropy
 
     dtype, esize = cfg["dtype"], torch.finfo(cfg["dtype"]).bits // 8
-    compiled = torch.compile(ce_torch, backend=cfg["compile_backend"], fullgraph=True, dynamic=False)
-    impls = {"triton": cross_entropy, "torch_eager": ce_torch, "torch_compile": compiled}
+    impls = {"triton": cross_entropy, "torch_eager": ce_torch}
+    if cfg["compile_backend"] is not None:
+        impls["torch_compile"] = torch.compile(
+            ce_torch, backend=cfg["compile_backend"], fullgraph=True, dynamic=False
+        )
     if liger is not None:
         impls["liger"] = liger[0]
     gen = torch.Generator().manual_seed(0)
@@ -133,16 +141,18 @@ def _cross_entropy_records(cfg: dict, device: str, copy_gbps: float, liger, lige
 
 def _linear_cross_entropy_records(cfg: dict, device: str, liger, liger_reason) -> list[dict]:
     from relscale.kernels.cross_entropy import cross_entropy
-    from relscale.kernels.fused_linear_ce import default_chunk_rows, linear_cross_entropy
+    from relscale.kernels.fused_linear_ce import default_chunk_rows, linear_cross_entropy, logits_budget_bytes
 
     dtype, esize = cfg["dtype"], torch.finfo(cfg["dtype"]).bits // 8
-    compiled = torch.compile(linear_ce_torch, backend=cfg["compile_backend"], fullgraph=True, dynamic=False)
     impls = {
         "triton_fused": linear_cross_entropy,
         "triton_unfused": lambda h, w, t: cross_entropy(h @ w.t(), t),
         "torch_eager": linear_ce_torch,
-        "torch_compile": compiled,
     }
+    if cfg["compile_backend"] is not None:
+        impls["torch_compile"] = torch.compile(
+            linear_ce_torch, backend=cfg["compile_backend"], fullgraph=True, dynamic=False
+        )
     if liger is not None:
         impls["liger"] = lambda h, w, t: liger[1](w, h, t)
     gen = torch.Generator().manual_seed(1)
@@ -152,7 +162,7 @@ def _linear_cross_entropy_records(cfg: dict, device: str, liger, liger_reason) -
         weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5).to(device, dtype)
         weight.requires_grad_()
         targets = _targets(n, vocab, device, gen)
-        chunk = default_chunk_rows(n, vocab)
+        chunk = default_chunk_rows(n, vocab, esize, logits_budget_bytes(torch.device(device)))
         for impl, loss_fn in impls.items():
 
             def step(loss_fn=loss_fn, hidden=hidden, weight=weight, targets=targets):

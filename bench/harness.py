@@ -143,6 +143,20 @@ def copy_bandwidth_gbps(device: str | torch.device = "cuda", nbytes: int = 1 << 
     return 2 * n * 4 / (timing["median_ms"] * 1e-3) / 1e9
 
 
+def matmul_tflops(
+    device: str | torch.device = "cuda", n: int = 8192, dtype: torch.dtype = torch.bfloat16
+) -> float:
+    """Measured dense matmul rate in TFLOP/s: an n x n x n product of random normal inputs (never
+    zeros: they run faster than real data), 2 n^3 FLOPs per product, median time. The ceiling that
+    MFU is reported against (the datasheet's 989 TFLOP/s is not reached by cuBLAS on an H200: ~790)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0) if device.type == "cuda" else None
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    timing = time_fn(lambda: torch.mm(a, b))
+    return 2 * n**3 / (timing["median_ms"] * 1e-3) / 1e12
+
+
 def write_results(
     name: str, records: list[dict], meta: dict | None = None, out_dir: str | Path | None = None
 ) -> Path:
@@ -217,6 +231,8 @@ def run_from_command_line(name: str, run: Callable[[str, str], list[dict]], doc:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(profiles), default="ci")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: bench/results/")
     args = parser.parse_args()
     records = run(args.profile, args.device)
-    return records, write_results(name, records, meta={"profile": args.profile, "device": args.device})
+    meta = {"profile": args.profile, "device": args.device}
+    return records, write_results(name, records, meta=meta, out_dir=args.out_dir)

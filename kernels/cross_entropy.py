@@ -7,8 +7,13 @@ z the logits after optional soft-capping z = c * tanh(x / c):
     pass 2, when a gradient is wanted, right after pass 1 so the row is still in L2:
     dL/dx  = (softmax(z) * (1 + 2 w_z lse) - onehot(target)) * dz/dx * scale,
              dz/dx = 1 - (z / c)^2 with soft-capping, else 1
-Rows whose target is ``ignore_index`` get loss 0 and gradient 0; a target outside [0, V) gives a NaN
-loss (no out-of-bounds read, no host sync to check it).
+Rows whose target is ``ignore_index`` get loss 0 and gradient 0. A target outside [0, V) that is not
+``ignore_index`` is an error: a ValueError naming the row on CPU tensors, an asynchronous device-side
+assert on CUDA (``torch._assert_async``: no host sync; the error surfaces at the next sync). The
+kernel itself never reads out of bounds (such a row would give a NaN loss).
+
+Arguments may be strided: logits with a non-unit column stride and non-contiguous targets are
+copied contiguous at the op boundary, per-row scales are read through their stride.
 
 Memory and autograd (``CrossEntropyFunction``; custom ops ``relscale::cross_entropy_fwd_``,
 ``relscale::cross_entropy_bwd`` and ``relscale::scale_rows_``, all with fake implementations):
@@ -41,7 +46,7 @@ def _softcap(x, softcap):
 
 @triton.jit
 def _cross_entropy_kernel(
-    LOGITS, stride_logits, GRAD, stride_grad, TARGETS, LOSS, Z_LOSS, LSE, SCALE, stride_scale,
+    LOGITS, stride_logits, GRAD, stride_grad, TARGETS, LOSS, Z_LOSS, LSE, LSE_LO, SCALE, stride_scale,
     n_rows, n_cols, ignore_index, z_loss_weight, softcap,
     HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, LSE_GIVEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -58,6 +63,10 @@ def _cross_entropy_kernel(
 
     if LSE_GIVEN:  # backward of a recomputing caller: the forward already found lse
         lse = tl.load(LSE + rows, mask=valid, other=0.0)
+        lse_lo = tl.load(LSE_LO + rows, mask=valid, other=0.0)
+        # loss not needed here (only the gradient); max + log-sum-exp below is the forward's form
+        shift_loss = lse
+        log_sum = tl.zeros((BLOCK_N,), tl.float32)
     else:  # online softmax: one pass, running max and running sum of exp per row
         running_max = tl.full((BLOCK_N,), -float("inf"), tl.float32)
         running_sum = tl.zeros((BLOCK_N,), tl.float32)
@@ -73,8 +82,14 @@ def _cross_entropy_kernel(
             block_sum = tl.sum(tl.exp(z - shift[:, None]), axis=1)
             running_sum = running_sum * tl.exp(running_max - shift) + block_sum
             running_max = new_max
-        lse = tl.where(valid, running_max + tl.log(tl.where(valid, running_sum, 1.0)), 0.0)
+        log_sum = tl.where(valid, tl.log(tl.where(valid, running_sum, 1.0)), 0.0)
+        shift_loss = tl.where(valid, running_max, 0.0)
+        lse = shift_loss + log_sum
+        # what rounding lse to fp32 dropped (exact: |log_sum| <= log V is small next to a large max),
+        # so exp(z - lse) below stays accurate for logits near +-1e4
+        lse_lo = (shift_loss - lse) + log_sum
         tl.store(LSE + rows, lse, mask=row_ok)
+        tl.store(LSE_LO + rows, lse_lo, mask=row_ok)
 
     in_range = (targets >= 0) & (targets < n_cols)
     z_target = tl.load(LOGITS + rows64 * stride_logits + targets, mask=valid & in_range, other=float("nan"))
@@ -82,7 +97,10 @@ def _cross_entropy_kernel(
     if HAS_SOFTCAP:
         z_target = _softcap(z_target, softcap)
     z_loss = z_loss_weight * lse * lse
-    tl.store(LOSS + rows, tl.where(valid, lse - z_target + z_loss, 0.0), mask=row_ok)
+    # (max - z_target) + log(sum): both terms are formed without rounding a large logsumexp first,
+    # so the fp32 loss stays accurate when every logit is near +-1e4
+    loss = (shift_loss - z_target) + log_sum
+    tl.store(LOSS + rows, tl.where(valid, loss + z_loss, 0.0), mask=row_ok)
     tl.store(Z_LOSS + rows, z_loss, mask=row_ok)
 
     if COMPUTE_GRAD:  # right after pass 1, so on a GPU the row is still in L2
@@ -98,7 +116,7 @@ def _cross_entropy_kernel(
             z = z.to(tl.float32)
             if HAS_SOFTCAP:
                 z = _softcap(z, softcap)
-            grad = tl.exp(z - lse[:, None]) * softmax_factor[:, None]
+            grad = tl.exp((z - lse[:, None]) - lse_lo[:, None]) * softmax_factor[:, None]
             grad -= tl.where(offs[None, :] == targets[:, None], 1.0, 0.0)
             if HAS_SOFTCAP:
                 capped = z / softcap
@@ -145,24 +163,44 @@ def launch_cross_entropy(
     softcap: float | None,
     lse_given: bool = False,
 ) -> None:
-    """Run the row kernel on (N, V) ``logits`` (unit column stride); fills ``loss``, ``z_loss`` and
-    ``lse`` (N,) fp32 and, when ``grad`` is given (it may be ``logits`` itself: each chunk is read
-    before it is overwritten), the gradient times ``scale`` (a scalar tensor or one factor per row).
-    With ``lse_given`` the saved ``lse`` is read instead of recomputed (one pass over the row)."""
+    """Run the row kernel on (N, V) ``logits`` (unit column stride); fills ``loss``, ``z_loss`` (N,)
+    and ``lse`` (2, N) fp32 (row 0 the logsumexp, row 1 what rounding it to fp32 dropped) and, when
+    ``grad`` is given (it may be ``logits`` itself: each chunk is read before it is overwritten), the
+    gradient times ``scale`` (a scalar tensor or one factor per row). With ``lse_given`` the saved
+    ``lse`` is read instead of recomputed (one pass over the row)."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
+    targets = targets.contiguous()  # read as one value per row: a strided view is copied, not misread
     block_n, block_v, num_warps = _tile(n_cols)
     compute_grad = grad is not None
     if compute_grad:
         scale_stride = scale.stride(0) if scale.dim() == 1 else 0
     _cross_entropy_kernel[(triton.cdiv(n_rows, block_n),)](
         logits, logits.stride(0), grad if compute_grad else logits, grad.stride(0) if compute_grad else 0,
-        targets, loss, z_loss, lse, scale if compute_grad else loss, scale_stride if compute_grad else 0,
+        targets, loss, z_loss, lse[0], lse[1], scale if compute_grad else loss,
+        scale_stride if compute_grad else 0,
         n_rows, n_cols, ignore_index, z_loss_weight, softcap if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, LSE_GIVEN=lse_given,
         BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps,
     )
+
+
+def check_targets(targets: torch.Tensor, n_classes: int, ignore_index: int, where: str) -> None:
+    """Refuse labels outside [0, n_classes) other than ``ignore_index``: a ValueError naming the first
+    bad row on the CPU (where reading values is free), an asynchronous device assert elsewhere (no
+    host sync in the training step; a bad label then fails the next synchronising call)."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_classes))
+    if targets.device.type == "cpu":
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{where}: target {int(targets[row])} at row {row} is outside [0, {n_classes}) and is not "
+                f"ignore_index={ignore_index}"
+            )
+    else:
+        message = f"{where}: a target is outside [0, {n_classes}) and is not ignore_index={ignore_index}"
+        torch._assert_async(~bad.any(), message)
 
 
 def mean_scale(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -235,7 +273,8 @@ def cross_entropy_fwd_(
     z_loss_weight: float,
     softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, z_loss, lse): fp32 losses reduced as asked and the per-row logsumexp. A non-empty
+    """(loss, z_loss, lse): fp32 losses reduced as asked and the per-row logsumexp as (2, N): the fp32
+    value and its rounding residual, so a backward's exp(z - lse) is exact even at |z| ~ 1e4. A non-empty
     ``grad`` is filled with d loss / d logits for grad_output 1 (mean/sum only: for "none" the
     gradient comes from ``cross_entropy_bwd`` once the per-row grad_output is known)."""
     _check(logits, targets, reduction, softcap)
@@ -246,10 +285,11 @@ def cross_entropy_fwd_(
         raise ValueError("cross_entropy: reduction 'none' computes its gradient in the backward only")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    check_targets(targets, logits.shape[1], ignore_index, "cross_entropy")
     n_rows = logits.shape[0]
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     z_losses = torch.empty_like(losses)
-    lse = torch.empty_like(losses)
+    lse = torch.empty(2, n_rows, dtype=torch.float32, device=logits.device)
     scale = (
         mean_scale(targets, ignore_index)
         if reduction == "mean"
@@ -268,7 +308,7 @@ def _(logits, targets, grad, ignore_index, reduction, z_loss_weight, softcap):
     shape = (logits.shape[0],) if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=torch.float32)
     z_loss = logits.new_empty(shape, dtype=torch.float32)
-    return loss, z_loss, logits.new_empty(logits.shape[:1], dtype=torch.float32)
+    return loss, z_loss, logits.new_empty((2, logits.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("relscale::cross_entropy_bwd", mutates_args=())

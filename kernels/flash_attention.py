@@ -20,6 +20,9 @@ How the work is split:
   ``deterministic=True``, computed by a separate kernel that loops over key tiles per query block
   (7 matmuls per tile pair in total, same bits every run).
 
+Strided arguments: q, k, v, out and dO are read through their token and head strides (copied only
+when the last dim is not unit-stride); cu_seqlens and dLSE are made contiguous at the op boundary.
+
 Scores are kept in base-2 units inside the kernels (``exp2``); the saved log-sum-exp is in
 natural-log units, shape ``(heads, total_tokens)``, fp32.
 """
@@ -33,6 +36,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from relscale.kernels._autocast import autocast_inputs
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -537,7 +541,8 @@ def _doc_args(cu_seqlens: torch.Tensor | None, max_seqlen: int, total: int, dumm
     if cu_seqlens is None:
         return dummy, 1, 0, max_seqlen, True
     n_docs = cu_seqlens.shape[0] - 1
-    return cu_seqlens, n_docs, (n_docs - 1).bit_length(), 1, False
+    # the kernels index CU + i: a strided view (cu_seqlens = buf[::2]) is copied, never misread
+    return cu_seqlens.contiguous(), n_docs, (n_docs - 1).bit_length(), 1, False
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -723,10 +728,12 @@ def flash_attention_varlen(
     q: (total_tokens, heads, head_dim); k, v: (total_tokens, kv_heads, head_dim) with heads a multiple
     of kv_heads (GQA); cu_seqlens: int32 (n_docs + 1,) document offsets from 0 to total_tokens;
     max_seqlen: a Python int bound on document length (kept for interface compatibility; the grid
-    does not depend on it). Returns (total_tokens, heads, head_dim), contiguous.
+    does not depend on it). Returns (total_tokens, heads, head_dim), contiguous. Under autocast q, k, v
+    are cast to the autocast dtype first (as autocast does for scaled_dot_product_attention).
     """
     if cu_seqlens is None:
         raise ValueError("flash_attention_varlen needs cu_seqlens; use flash_attention for (B, S, H, D)")
+    q, k, v = autocast_inputs(q, k, v)
     out, _ = FlashAttentionFunction.apply(
         q, k, v, cu_seqlens, max_seqlen, causal, _scale(softmax_scale, q.shape[-1]), deterministic
     )
@@ -748,7 +755,7 @@ def flash_attention(
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} differ in batch/seq")
     if batch * seq == 0:
         return q.new_empty(q.shape)
-    flat = [t.reshape(batch * seq, t.shape[2], t.shape[3]) for t in (q, k, v)]
+    flat = [t.reshape(batch * seq, t.shape[2], t.shape[3]) for t in autocast_inputs(q, k, v)]
     out, _ = FlashAttentionFunction.apply(
         *flat, None, seq, causal, _scale(softmax_scale, q.shape[-1]), deterministic
     )

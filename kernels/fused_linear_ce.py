@@ -5,8 +5,13 @@ input dtype), the cross-entropy kernel of ``relscale.kernels.cross_entropy`` wri
 loss and, in place over the chunk's logits, d loss / d logits; then
     grad_hidden_c = d_logits @ weight        (written straight into its rows of grad_hidden)
     grad_weight  += d_logits.T @ hidden_c    (accumulated in fp32)
-C is picked from V so the chunk's logits stay near 2^27 elements (256 MiB in bf16) while the
-weight-gradient matmul still has an inner dimension C of >= 1024 rows at real vocabularies.
+C comes from a memory budget for one chunk of logits (``default_chunk_rows``: 1/32 of the GPU's
+memory, 17408 rows at V = 128256 in bf16 on an H200); results do not depend on C beyond fp32
+summation order.
+
+Autocast: under ``torch.autocast`` the public functions cast hidden and weight to the autocast dtype
+at the boundary (as autocast does for a Linear), so all three GEMMs run in bf16/fp16 with fp32
+accumulation; the gradients flow back through that cast to fp32 parameters.
 
 reduction "mean" / "sum": the gradients are computed in the forward (as in Liger-Kernel) and the
 backward only scales them by grad_output, in place and skipped on the device when it is 1.
@@ -31,22 +36,52 @@ graphs see opaque ops.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from relscale.kernels._autocast import autocast_inputs
 from relscale.kernels.cross_entropy import (
     check_reduction,
     check_softcap,
+    check_targets,
     launch_cross_entropy,
     mean_scale,
     reduce_losses,
 )
 
-CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 256 MiB in bf16
+# Chunk size from a memory budget. One chunk of logits (C x V in the input dtype) is the only
+# N-dependent buffer, so C is the largest multiple of CHUNK_ROW_MULTIPLE rows whose logits fit in the
+# budget: 1/32 of the device's memory on a GPU (4.4 GiB on an H200: C = 17408 rows at V = 128256 in
+# bf16, so a 65k-token micro-step streams the fp32 weight-gradient accumulator 4 times instead of 64),
+# 256 MiB on the CPU; never fewer than MIN_CHUNK_ROWS rows nor more than there are tokens. The rule
+# depends only on the device's total memory (not on what is free), so a run is reproducible.
+LOGITS_BUDGET_FRACTION = 32  # budget = total device memory / this
+CPU_LOGITS_BUDGET_BYTES = 256 << 20
+CHUNK_ROW_MULTIPLE = 256  # whole tensor-core tiles of the weight-gradient matmul's inner dimension
 MIN_CHUNK_ROWS = 256
 _addmm_out_dtype_works = [True]  # flipped once if this torch's CUDA addmm lacks out_dtype
 
 
-def default_chunk_rows(n_rows: int, vocab: int) -> int:
-    rows = max(MIN_CHUNK_ROWS, 1 << (max(CHUNK_ELEMENTS // vocab, 1).bit_length() - 1))  # power of 2 below
+@functools.cache
+def _device_total_memory(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).total_memory
+
+
+def logits_budget_bytes(device: torch.device) -> int:
+    """Bytes one chunk of logits may take on ``device`` (see the rule above)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _device_total_memory(index) // LOGITS_BUDGET_FRACTION
+    return CPU_LOGITS_BUDGET_BYTES
+
+
+def default_chunk_rows(
+    n_rows: int, vocab: int, itemsize: int = 2, budget_bytes: int = CPU_LOGITS_BUDGET_BYTES
+) -> int:
+    """Token rows per chunk: the most whole multiples of CHUNK_ROW_MULTIPLE whose (rows, vocab)
+    logits of ``itemsize`` bytes fit in ``budget_bytes``, at least MIN_CHUNK_ROWS, at most ``n_rows``."""
+    rows = budget_bytes // max(vocab * itemsize, 1)
+    rows = max(MIN_CHUNK_ROWS, rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
     return max(1, min(n_rows, rows))
 
 
@@ -61,10 +96,9 @@ def _accumulate_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
             return
         except (RuntimeError, TypeError):
             _addmm_out_dtype_works[0] = False
-    if acc.is_cuda:  # older torch: the chunk's product is rounded once, chunks still add in fp32
-        acc.add_(torch.mm(a, b))
-    else:  # CPU (tests, interpreter): exact fp32 product
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    # older CUDA torch, and the CPU (no out_dtype matmul there): a GEMM in the input dtype (fp32
+    # accumulation inside, the chunk's product rounded once), chunks still add up in fp32
+    acc.add_(torch.mm(a, b))
 
 
 def _check(hidden, weight, targets, reduction, softcap, chunk_size) -> None:
@@ -102,9 +136,14 @@ def _chunked_pass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (loss, z_loss); with a ``scale`` also the gradients into the given buffers."""
     n_rows = hidden.shape[0]
+    targets = targets.contiguous()  # once here, not per chunk (the kernel reads one value per row)
     losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     z_losses = torch.empty_like(losses)
-    chunk = min(chunk_size or default_chunk_rows(n_rows, weight.shape[0]), max(n_rows, 1))
+    if not chunk_size:
+        chunk_size = default_chunk_rows(
+            n_rows, weight.shape[0], hidden.element_size(), logits_budget_bytes(hidden.device)
+        )
+    chunk = min(chunk_size, max(n_rows, 1))
     want_grad = scale is not None and (grad_hidden is not None or grad_weight_acc is not None)
     # One logits buffer reused by every chunk: the peak is exactly one chunk, no allocator churn.
     logits_buffer = torch.empty(chunk, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
@@ -114,7 +153,7 @@ def _chunked_pass(
         logits = torch.mm(hidden_c, weight.t(), out=logits_buffer[: end - start])
         chunk_scale = scale[start:end] if scale is not None and scale.dim() == 1 else scale
         launch_cross_entropy(
-            logits, targets[start:end], losses[start:end], z_losses[start:end], lse[start:end],
+            logits, targets[start:end], losses[start:end], z_losses[start:end], lse[:, start:end],
             grad=logits if want_grad else None, scale=chunk_scale, ignore_index=ignore_index,
             z_loss_weight=z_loss_weight, softcap=softcap, lse_given=lse_given,
         )
@@ -158,7 +197,8 @@ def linear_cross_entropy_fwd_(
     softcap: float | None,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, z_loss, lse): fp32 losses reduced as asked and the per-token logsumexp. Non-empty
+    """(loss, z_loss, lse): fp32 losses reduced as asked and the per-token logsumexp (2, N) (value and
+    rounding residual, see ``cross_entropy_fwd_``). Non-empty
     ``grad_hidden`` / ``grad_weight`` buffers are filled with the gradients for grad_output 1; for
     reduction "none" leave them empty and use ``linear_cross_entropy_bwd`` instead."""
     _check(hidden, weight, targets, reduction, softcap, chunk_size)
@@ -167,7 +207,8 @@ def linear_cross_entropy_fwd_(
     wants_grad = grad_hidden.numel() > 0 or grad_weight.numel() > 0
     if reduction == "none" and wants_grad:
         raise ValueError("linear_cross_entropy: reduction 'none' computes gradients in the backward only")
-    lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    check_targets(targets, weight.shape[0], ignore_index, "linear_cross_entropy")
+    lse = torch.empty(2, hidden.shape[0], dtype=torch.float32, device=hidden.device)
     scale = (
         mean_scale(targets, ignore_index)
         if reduction == "mean"
@@ -192,7 +233,7 @@ def _(hidden, weight, targets, grad_hidden, grad_weight, ignore_index, reduction
     shape = (hidden.shape[0],) if reduction == "none" else ()
     loss = hidden.new_empty(shape, dtype=torch.float32)
     z_loss = hidden.new_empty(shape, dtype=torch.float32)
-    return loss, z_loss, hidden.new_empty(hidden.shape[:1], dtype=torch.float32)
+    return loss, z_loss, hidden.new_empty((2, hidden.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("relscale::linear_cross_entropy_bwd", mutates_args=())
@@ -298,7 +339,9 @@ def linear_cross_entropy(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """cross_entropy(hidden @ weight.T, targets) for hidden (N, H), weight (V, H), without the
     N x V logits; same arguments and results as ``relscale.kernels.cross_entropy.cross_entropy``.
-    ``chunk_size``: token rows per chunk (None: chosen from V)."""
+    ``chunk_size``: token rows per chunk (None: from the memory budget, ``default_chunk_rows``).
+    Under autocast, hidden and weight are cast to the autocast dtype first (GEMMs in bf16/fp16)."""
+    hidden, weight = autocast_inputs(hidden, weight)
     args = (
         int(ignore_index), reduction, float(z_loss_weight), None if softcap is None else float(softcap),
         int(chunk_size or 0),

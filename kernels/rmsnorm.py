@@ -12,6 +12,10 @@ afterwards, a small second reduction instead of per-element atomics (and determi
 Registered as torch.library custom ops ``relscale::rms_norm_fwd`` / ``relscale::rms_norm_bwd`` with
 fake implementations, and the forward's autograd formula (``RMSNormFunction``) via register_autograd,
 so torch.compile(fullgraph=True) and CUDA graphs treat them as opaque ops; nothing here syncs the host.
+
+Strided arguments: x, residual, dy and dh are read through their row stride (copied only when the
+last dim is not unit-stride); the weight is made contiguous at the op boundary (H elements), so a
+``buf[::2]`` or an expanded one-element weight is read correctly, never past its buffer.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ def rms_norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, rstd): h = x + residual (an empty tensor without residual), rstd fp32 per row."""
     _check(x, weight, residual)
+    weight = weight.contiguous()  # read as W + col: a strided or expanded weight is copied, not misread
     x2 = _as_rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
@@ -159,6 +164,7 @@ def rms_norm_bwd(
     """(dx, dweight) given dy, the gradient dh of the residual-sum output (or None), the
     normalised input x (the sum h when a residual was fused) and the saved rstd."""
     dy2, x2 = _as_rows(dy), _as_rows(x)
+    weight = weight.contiguous()
     dh2 = _as_rows(dh) if dh is not None else None
     n_rows, n_cols = x2.shape
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)

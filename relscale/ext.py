@@ -4,6 +4,11 @@ Importing ``relscale._C`` registers ``torch.ops.relscale.{rope, rope_, swiglu, s
 with CPU (and, in a CUDA build, CUDA) kernels. This module adds what torch.compile and autograd
 need on top — fake (meta) kernels and backward formulas — and the functions the model calls.
 
+Every tensor argument may be a strided or expanded view: the binding copies q, k, gate, up,
+grad_out, positions and inv_freq contiguous at the op boundary (in-place RoPE alone refuses a
+non-contiguous q/k). Autocast: the ops have no autocast kernel on purpose, so they run in the dtype
+they are given (fp32 math inside; the model feeds them outputs of autocast Linears, already bf16).
+
 When the extension is missing (not built, no compiler, ABI mismatch) ``available()`` returns False
 and warns once; the op functions raise, and ``relscale.ops`` picks the torch backend instead.
 """

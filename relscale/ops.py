@@ -84,17 +84,44 @@ def _extension_serves(op: str, device_type: str) -> bool:
 
 # ----------------------------------------------------------------------------------------- norms
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32, stored in x's dtype: ``x / sqrt(mean(x^2) + eps) * weight``."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.float()).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm of x (..., H) with weight (H,) (see :func:`rms_norm_reference`), on the chosen backend."""
     if resolve("rms_norm", backend, x.device.type) == "triton":
         from relscale.kernels.rmsnorm import rms_norm as rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused residual add + RMSNorm of a pre-norm block: ``new_residual = x + residual`` and
+    ``normed = rms_norm(new_residual, weight, eps)``; returns ``(normed, new_residual)``.
+
+    x, residual: (..., H) of the same shape; weight: (H,). Both outputs are in the promoted dtype of
+    x and residual (what ``x + residual`` gives, e.g. fp32 for a bf16 branch output under autocast
+    added to an fp32 residual stream); the sum is rounded to it once and normalised in fp32 (Zhang &
+    Sennrich 2019, RMSNorm). Backend key ``model.kernels.rms_norm``: the Triton kernel of
+    ``relscale.kernels.rmsnorm`` does both in one pass. Differentiable in x, residual and weight.
+    Raises ValueError for mismatched shapes.
+    """
+    if x.shape != residual.shape:
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    x, residual = x.to(dtype), residual.to(dtype)
+    if resolve("rms_norm", backend, x.device.type) == "triton":
+        from relscale.kernels.rmsnorm import rms_norm as rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, residual)
+    new_residual = (x.float() + residual.float()).to(dtype)
+    return rms_norm_reference(new_residual, weight, eps), new_residual
 
 
 # ------------------------------------------------------------------------------------------ rope
@@ -216,15 +243,27 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True)
 
 
+def _attention_mask(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """(B, S, S) boolean: causal, and within one document when ``cu_seqlens`` is given."""
+    batch, seq = q.shape[:2]
+    mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril().expand(batch, seq, seq)
+    if cu_seqlens is not None:
+        seg = segment_ids(cu_seqlens, batch * seq).view(batch, seq)
+        mask = mask & (seg[:, :, None] == seg[:, None, :])
+    return mask
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens: torch.Tensor | None = None,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention on (B, S, H, D) tensors; with ``cu_seqlens`` no token attends across a
-    document boundary. Grouped-query attention when k/v have fewer heads than q."""
+    document boundary. Grouped-query attention when k/v have fewer heads than q. With
+    ``return_lse`` also the log-sum-exp of the scaled scores, (B, H, S) fp32 (natural log)."""
     batch, seq, heads, _ = q.shape
     groups = heads // k.shape[2]
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -233,11 +272,15 @@ def attention_reference(
     if cu_seqlens is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
     else:
-        seg = segment_ids(cu_seqlens, batch * seq).view(batch, seq)
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-        mask = (seg[:, :, None] == seg[:, None, :]) & causal
+        mask = _attention_mask(q, cu_seqlens)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale)
-    return out.transpose(1, 2)
+    out = out.transpose(1, 2)
+    if not return_lse:
+        return out
+    scale = default_softmax_scale(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bhsd,bhtd->bhst", qt.float(), kt.float()) * scale
+    scores = scores.masked_fill(~_attention_mask(q, cu_seqlens)[:, None], float("-inf"))
+    return out, torch.logsumexp(scores, dim=-1)
 
 
 def attention(
@@ -248,26 +291,37 @@ def attention(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     scale: float | None = None,
+    deterministic: bool = False,
+    return_lse: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
-    """Causal (document-masked when ``cu_seqlens`` is given) attention, (B, S, H, D) layout."""
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal (document-masked when ``cu_seqlens`` is given) attention, (B, S, H, D) layout, GQA when
+    k/v have fewer heads. ``scale`` defaults to 1/sqrt(D).
+
+    ``deterministic=True`` makes the Triton backward compute dQ without atomics (same bits every
+    run, ~1.4x the backward's matmuls); the torch reference is as deterministic as torch's own
+    kernels. ``return_lse=True`` returns ``(out, lse)`` with lse the natural-log log-sum-exp of the
+    scaled scores, (B, H, S) fp32, differentiable (FlashAttention-2, Dao 2023).
+    """
     if resolve("attention", backend, q.device.type) == "triton":
         from relscale.kernels import flash_attention as fa
 
-        if cu_seqlens is None:
-            return fa.flash_attention(q, k, v, causal=True, softmax_scale=scale)
         batch, seq = q.shape[:2]
-        out = fa.flash_attention_varlen(
-            q.reshape(batch * seq, *q.shape[2:]),
-            k.reshape(batch * seq, *k.shape[2:]),
-            v.reshape(batch * seq, *v.shape[2:]),
-            cu_seqlens,
-            max_seqlen if max_seqlen is not None else seq,
-            causal=True,
-            softmax_scale=scale,
+        q, k, v = fa.autocast_inputs(q, k, v)
+        flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
+        if cu_seqlens is None:
+            doc_len = seq
+        else:
+            doc_len = max_seqlen if max_seqlen is not None else seq
+        softmax_scale = scale if scale is not None else default_softmax_scale(q.shape[-1])
+        out, lse = fa.FlashAttentionFunction.apply(
+            *flat, cu_seqlens, doc_len, True, float(softmax_scale), deterministic
         )
-        return out.view(q.shape)
-    return attention_reference(q, k, v, cu_seqlens, scale)
+        out = out.view(q.shape)
+        if not return_lse:
+            return out
+        return out, lse.view(q.shape[2], batch, seq).transpose(0, 1)
+    return attention_reference(q, k, v, cu_seqlens, scale, return_lse)
 
 
 # --------------------------------------------------------------------------------- cross-entropy
@@ -277,10 +331,14 @@ def cross_entropy_reference(
     ignore_index: int = -100,
     reduction: str = "mean",
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy in fp32 plus ``z_loss * logsumexp^2``; ``mean`` is over non-ignored tokens
-    and is 0 (not NaN) when every token is ignored."""
+    """Cross-entropy in fp32 plus ``z_loss * logsumexp^2``, after the optional logit soft-cap
+    ``softcap * tanh(logits / softcap)`` (Gemma 2); ``mean`` is over non-ignored tokens and is 0
+    (not NaN) when every token is ignored."""
     logits = logits.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     losses = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
     valid = targets != ignore_index
     if z_loss:
@@ -301,16 +359,27 @@ def cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     z_loss: float = 0.0,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Cross-entropy of (N, V) logits against (N,) targets."""
+    """Cross-entropy of (N, V) logits against (N,) targets, an fp32 result.
+
+    ``reduction``: "mean" over the non-ignored targets, "sum", or "none" (per token, 0 at ignored
+    ones). Policy for a batch whose targets are ALL ``ignore_index``: "mean" returns 0 with a zero
+    gradient, in every backend (torch's own F.cross_entropy returns NaN there), so an empty
+    micro-batch adds nothing to an accumulated loss instead of poisoning it. ``z_loss`` adds
+    ``z_loss * logsumexp^2`` per token (PaLM); ``softcap`` applies ``softcap * tanh(x / softcap)`` to
+    the logits first. A target outside [0, V) that is not ``ignore_index`` is an error (a
+    ValueError/RuntimeError on the CPU, a device-side assert on CUDA).
+    """
     if resolve("cross_entropy", backend, logits.device.type) == "triton":
         from relscale.kernels.cross_entropy import cross_entropy as cross_entropy_triton
 
         return cross_entropy_triton(
-            logits, targets, ignore_index=ignore_index, reduction=reduction, z_loss_weight=z_loss
+            logits, targets, ignore_index=ignore_index, reduction=reduction, z_loss_weight=z_loss,
+            softcap=softcap,
         )
-    return cross_entropy_reference(logits, targets, ignore_index, reduction, z_loss)
+    return cross_entropy_reference(logits, targets, ignore_index, reduction, z_loss, softcap)
 
 
 def linear_cross_entropy(
@@ -321,19 +390,24 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     z_loss: float = 0.0,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` (N, H) x (V, H) without holding the N x V logits
-    when the Triton backend is used; the torch reference materialises them."""
+    when the Triton backend is used; the torch reference materialises them. Arguments and the
+    all-ignored policy as in :func:`cross_entropy`. Under autocast the projection runs in the
+    autocast dtype in both backends (bf16 GEMMs with fp32 accumulation)."""
     if resolve("cross_entropy", backend, hidden.device.type) == "triton":
         from relscale.kernels.fused_linear_ce import linear_cross_entropy as flce
 
         return flce(
-            hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, z_loss_weight=z_loss
+            hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, z_loss_weight=z_loss,
+            softcap=softcap,
         )
     logits = hidden @ weight.t()
-    return cross_entropy_reference(logits, targets, ignore_index, reduction, z_loss)
+    return cross_entropy_reference(logits, targets, ignore_index, reduction, z_loss, softcap)
 
 
 def default_softmax_scale(head_dim: int) -> float:
+    """1 / sqrt(head_dim), the scaled dot-product attention default (Vaswani et al. 2017)."""
     return 1.0 / math.sqrt(head_dim)

@@ -116,3 +116,34 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.relscale.swiglu.default, (gate.clone().requires_grad_(), up.clone()))
     torch.library.opcheck(torch.ops.relscale.swiglu.default, (gate.bfloat16(), up.bfloat16()))
     torch.library.opcheck(torch.ops.relscale.swiglu_backward.default, (torch.ones_like(gate), gate, up))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_argument_may_be_a_strided_or_expanded_view(device):
+    # gate = buf[::2], up expanded from one row (stride 0 along rows), grad_out transposed
+    gen = torch.Generator().manual_seed(4)
+    gate = randn((6, 2 * 10), torch.float32, device, gen)[:, ::2]
+    up = randn((1, 10), torch.float32, device, gen).expand(6, 10)
+    grad_out = randn((10, 6), torch.float32, device, gen, scale=1.0).t()
+    g, u, d = gate.double(), up.double(), grad_out.double()
+    assert_close_to_reference(ext.swiglu(gate, up), F.silu(g) * u)
+    grad_gate, grad_up = ext.swiglu_backward(grad_out, gate, up)
+    s = torch.sigmoid(g)
+    assert_close_to_reference(grad_gate, d * u * s * (1 + g * (1 - s)))
+    assert_close_to_reference(grad_up, d * g * s)
+
+
+def test_autocast_passes_the_extension_ops_through_in_their_input_dtype():
+    # the extension's ops have no autocast kernel: they run in the dtype they are given (the
+    # model feeds them the outputs of autocast Linears, already bf16); fp32 math inside either way
+    from relscale import ops
+
+    gen = torch.Generator().manual_seed(5)
+    gate, up = randn((4, 8), torch.float32, "cpu", gen), randn((4, 8), torch.float32, "cpu", gen)
+    q, k = randn((4, 2, 8), torch.float32, "cpu", gen), randn((4, 1, 8), torch.float32, "cpu", gen)
+    table = ops.rope_inv_freq(8, 10000.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ext.swiglu(gate, up)
+        q_out, _ = ext.rope(q, k, torch.arange(4), table)
+    assert out.dtype == torch.float32 and q_out.dtype == torch.float32
+    assert_close_to_reference(out, F.silu(gate.double()) * up.double())

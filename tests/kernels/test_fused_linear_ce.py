@@ -4,6 +4,7 @@ kernel path: losses and both gradients, every reduction, chunk boundaries, awkwa
 import pytest
 import torch
 import torch.nn.functional as F
+from relscale.kernels import fused_linear_ce as flce
 from relscale.kernels.cross_entropy import cross_entropy
 from relscale.kernels.fused_linear_ce import LinearCrossEntropyLoss, default_chunk_rows, linear_cross_entropy
 
@@ -158,12 +159,31 @@ def test_all_ignored_and_module_z_loss():
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
 
 
-def test_default_chunk_keeps_logits_near_budget():
-    # 2^27-element chunks (256 MiB in bf16), >= 256 rows, never more rows than there are tokens.
-    assert default_chunk_rows(16384, 128256) == 1024
-    assert default_chunk_rows(16384, 32000) == 4096
-    assert default_chunk_rows(100, 32000) == 100
-    assert default_chunk_rows(10**6, 10**7) == 256
+def test_default_chunk_from_memory_budget():
+    # rows = budget // (V * itemsize), down to a multiple of 256, at least 256, at most N
+    assert default_chunk_rows(16384, 128256, 2, 256 << 20) == 1024  # 268435456 // 256512 = 1046
+    assert default_chunk_rows(65536, 128256, 2, 4_500_000_000) == 17408  # 17543 -> 68 * 256
+    assert default_chunk_rows(65536, 128256, 4, 4_500_000_000) == 8704  # fp32 logits: half the rows
+    assert default_chunk_rows(100, 32000, 2, 256 << 20) == 100
+    assert default_chunk_rows(10**6, 10**7, 2, 256 << 20) == 256
+    assert flce.logits_budget_bytes(torch.device("cpu")) == 256 << 20
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        assert flce.logits_budget_bytes(torch.device("cuda", 0)) == total // 32
+
+
+def test_budget_chunking_does_not_change_results(monkeypatch):
+    # a budget of 3 rows' logits: the automatic rule then cuts 29 rows into 10 chunks
+    hidden, weight, targets, gen = _inputs(29, 24, 131, torch.float32, seed=3)
+    whole = _run(linear_cross_entropy, hidden, weight, targets, None, chunk_size=29)
+    monkeypatch.setattr(flce, "CPU_LOGITS_BUDGET_BYTES", 3 * 131 * 4)
+    monkeypatch.setattr(flce, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(flce, "CHUNK_ROW_MULTIPLE", 1)
+    if DEVICE == "cpu":
+        assert default_chunk_rows(29, 131, 4, flce.logits_budget_bytes(torch.device("cpu"))) == 3
+    chunked = _run(linear_cross_entropy, hidden, weight, targets, None)
+    for ours, ref in zip(chunked, whole):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments_name_the_problem():
@@ -209,7 +229,7 @@ def test_opcheck():
             4,
         ),
     )
-    lse = torch.logsumexp(hidden @ weight.t(), -1)
+    lse = torch.stack((torch.logsumexp(hidden @ weight.t(), -1), torch.zeros(6, device=DEVICE)))
     bwd = torch.ops.relscale.linear_cross_entropy_bwd.default
     torch.library.opcheck(
         bwd, (_rand(6, gen=gen), hidden, weight, targets, lse, IGNORE, 0.0, None, 4, True, True)
