@@ -154,6 +154,10 @@ OPTIMIZERS = ("adamw", "c_adamc")
 2024, arXiv 2411.16085) with AdamC corrected weight decay (Defazio et al. 2025, arXiv 2506.02285),
 as Levanter's ``CautiousConfig(adamc_weight_decay=True)``; see relscale.train.optim."""
 
+SCHEDULES = ("wsd", "wsd_levanter", "cosine", "constant")
+"""Learning-rate schedules (relscale.train.optim.lr_at): ``wsd_levanter`` is Levanter's "linear"
+warmup-stable-decay as Marin's sweeps ran it, ``wsd`` the same shape one step later."""
+
 MARIN_OPTIM = {"name": "c_adamc", "beta1": 0.95, "eps": 1e-15, "weight_decay": 0.1, "grad_clip": 1.0}
 """What ``optim.preset = "marin"`` sets (Marin's C-AdamC recipe); beta2 follows the global batch."""
 
@@ -183,7 +187,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
-    schedule: str = _choice("wsd", ("wsd", "cosine", "constant"))
+    schedule: str = _choice("wsd", SCHEDULES)
     warmup: float = 0.05  # fraction of the steps
     decay: float = 0.2  # WSD: fraction of the steps, at the end, with linear decay
     min_lr_ratio: float = 0.0
@@ -194,7 +198,7 @@ class OptimConfig:
             _require(0 <= getattr(self, name) < 1, f"{where}.{name}", "must be in [0, 1)")
         for name in ("warmup", "decay", "min_lr_ratio"):
             _require(0 <= getattr(self, name) <= 1, f"{where}.{name}", "must be in [0, 1]")
-        _require(self.warmup + (self.decay if self.schedule == "wsd" else 0) <= 1, f"{where}.warmup",
+        _require(self.warmup + (self.decay if self.schedule.startswith("wsd") else 0) <= 1, f"{where}.warmup",
                  "warmup + decay must not exceed 1")
         _require(self.eps > 0, f"{where}.eps", "must be positive")
         _require(self.weight_decay >= 0, f"{where}.weight_decay", "must be >= 0")

@@ -6,11 +6,10 @@
   eps 1e-5), Llama-3 RoPE (theta 500000; llama3 scaling with factor 8, low/high frequency
   factors 1/4, original context 8192), C-AdamC (``optim.name = "c_adamc"``: Cautious AdamW with
   AdamC weight decay; beta1 0.95, beta2 = 0.98^(B/128), eps 1e-15, weight decay 0.1, clip 1.0),
-  10% warm-up and a linear decay to 0 over the last 20%. The three datasets are placeholders for
-  the paper's three pretraining corpora; point their paths at prepared copies.
+  10% warm-up and a linear decay towards 0 over the last 20%, step for step as Levanter's
+  "linear" schedule (``optim.schedule = "wsd_levanter"``). The three datasets are placeholders
+  for the paper's three pretraining corpora; point their paths at prepared copies.
   Remaining differences from the paper's suite (Marin's Levanter runs):
-  - the learning-rate schedule is offset by one step: Levanter's warm-up starts at lr 0 on the
-    first step and its decay ends one step before 0; relscale's starts at lr/warmup and ends at 0;
   - initialisation is relscale's (normal, std ``model.init_std`` = 0.02, residual outputs scaled
     by 1/sqrt(2L)), not haliax's default initialisers;
   - gradient clipping divides by (norm + 1e-6) (torch), optax by the norm;
@@ -54,10 +53,10 @@ DEFAULT_DATA = "relscale_data/sotu"
 
 def _marin_optim() -> OptimConfig:
     """Marin's C-AdamC (Levanter ``CautiousConfig(adamc_weight_decay=True)``): beta1 0.95, eps
-    1e-15, weight decay 0.1, clip 1, 10% warm-up, linear decay over the last 20% to 0 (Levanter's
-    "linear" schedule with decay=0.2 is warmup-stable-decay). beta2 and lr come from the grid."""
+    1e-15, weight decay 0.1, clip 1, 10% warm-up, linear decay over the last 20% towards 0, on
+    Levanter's own step convention (``wsd_levanter``). beta2 and lr come from the grid."""
     return OptimConfig(name="c_adamc", beta1=0.95, eps=1e-15, weight_decay=0.1, grad_clip=1.0,
-                       schedule="wsd", warmup=0.1, decay=0.2, min_lr_ratio=0.0)
+                       schedule="wsd_levanter", warmup=0.1, decay=0.2, min_lr_ratio=0.0)
 
 
 MARIN_ROPE_SCALING = RopeScalingConfig(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

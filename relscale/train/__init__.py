@@ -4,10 +4,10 @@
     from relscale.train import train
     result = train(load_train_config("configs/tiny.toml"))
 
-Command line: ``relscale train CONFIG [key=value ...] [--resume]``, or for several processes
+Command line: ``relscale train CONFIG [key=value ...] [--resume] [--threads N]``, or for several processes
 ``torchrun --nproc_per_node N -m relscale.train CONFIG [key=value ...] [--resume]``.
 """
 
-from relscale.train.loop import TrainingDiverged, TrainResult, train
+from relscale.train.loop import NonFiniteValidationLoss, OutDirInUse, TrainingDiverged, TrainResult, train
 
-__all__ = ["TrainResult", "TrainingDiverged", "train"]
+__all__ = ["NonFiniteValidationLoss", "OutDirInUse", "TrainResult", "TrainingDiverged", "train"]

@@ -250,9 +250,16 @@ def lr_at(cfg: OptimConfig, step: int, steps: int) -> float:
       * ``wsd``: lr until the last ``round(decay * steps)`` steps, which decay linearly to
         ``min_lr_ratio * lr``, reached at the last step.
       * ``cosine``: half a cosine from lr after warm-up to ``min_lr_ratio * lr`` at the last step.
+      * ``wsd_levanter``: Levanter's ``lr_schedule="linear"`` with ``warmup``/``decay`` fractions, as
+        Marin's IsoFLOP sweeps ran it (optax schedules evaluated at the update count, from 0):
+        W = int(warmup * steps) warm-up steps at ``lr * step / W`` (so the first is at lr 0),
+        D = int(decay * steps) decay steps at ``lr - (lr - floor) * k / D`` (k = 0..D-1: the
+        floor is never reached), lr in between.
     """
     if not 0 <= step < steps:
         raise ValueError(f"step {step} outside a run of {steps} steps")
+    if cfg.schedule == "wsd_levanter":
+        return _levanter_linear(cfg, step, steps)
     warm = warmup_steps(cfg, steps)
     if step < warm:
         return cfg.lr * (step + 1) / warm
@@ -271,6 +278,17 @@ def lr_at(cfg: OptimConfig, step: int, steps: int) -> float:
         progress = (step - warm + 1) / span  # 1 at the last step
         return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+def _levanter_linear(cfg: OptimConfig, step: int, steps: int) -> float:
+    warm, decay = int(cfg.warmup * steps), int(cfg.decay * steps)
+    start = steps - decay  # first decaying step
+    if step < warm:
+        return cfg.lr * step / warm
+    if decay == 0 or step < start:
+        return cfg.lr
+    floor = cfg.min_lr_ratio * cfg.lr
+    return cfg.lr - (cfg.lr - floor) * (step - start) / decay
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

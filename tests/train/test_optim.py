@@ -31,6 +31,20 @@ def test_cosine_by_hand():
     assert values[-1] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_levanter_linear_schedule_by_hand():
+    """Levanter's "linear" schedule as Marin ran it (optax schedules at update counts 0..N-1):
+    W = int(0.1 * 20) = 2 warm-up steps lr * c / W, D = int(0.2 * 20) = 4 decay steps
+    lr - (lr - 0.1 lr) * k / D for k = 0..3, the stable phase in between."""
+    cfg = OptimConfig(lr=1.0, schedule="wsd_levanter", warmup=0.1, decay=0.2, min_lr_ratio=0.1)
+    values = [lr_at(cfg, step, 20) for step in range(20)]
+    expected = [0.0, 0.5] + [1.0] * 14 + [1.0, 0.775, 0.55, 0.325]
+    assert values == pytest.approx(expected, abs=1e-12)
+    # 25 steps: int(2.5) = 2 warm-up steps and int(5.0) = 5 decay steps.
+    values = [lr_at(cfg, step, 25) for step in range(25)]
+    assert values[:3] == [0.0, 0.5, 1.0] and values[19] == 1.0 and values[20:] == pytest.approx(
+        [1 - 0.9 * k / 5 for k in range(5)], abs=1e-12)
+
+
 def test_constant_and_bounds():
     cfg = OptimConfig(lr=0.3, schedule="constant", warmup=0.0)
     assert [lr_at(cfg, s, 5) for s in range(5)] == [0.3] * 5
