@@ -2,14 +2,20 @@
 the forward-pass tokens/s of training the same model.
 
 Workloads (synthetic token ids, so no tokenizer or data is needed):
-* ``text``: documents of 0.2x to 3x the context, sliding windows with stride context/2;
+* ``text``: documents of 0.2x to 3x the context, lm-eval's disjoint windows (stride = context);
 * ``mc``: 4-choice questions, a ~context/8-token prompt and 1-8 token choices, one request each.
 Scoring is timed end to end (window planning, packing, host-to-device copies, forward passes,
 per-example sums; the result is on the host when the clock stops). The training baseline is
 one forward pass of a packed (B, S) batch with autograd on, as the trainer runs it, in the same
 dtype. The goal on a GPU is eval tokens/s >= 70% of that forward-pass figure.
 
-    python bench/bench_eval.py [--profile ci|full] [--device cpu|cuda]
+``--lm-eval``: lm-evaluation-harness on the same tasks and weights, ``--model relscale`` (a
+relscale checkpoint) against ``--model hf`` (its HF export; lm-eval's default batch size 1, and
+16), end to end through ``lm_eval.simple_evaluate`` on local tasks (MMLU-format 5-shot as two
+subject tasks, Anthropic-format, rolling documents; tests/eval/lmeval_fixtures.py), with the
+largest per-request difference between the two. Written as ``eval-lmeval-<device>-<time>.json``.
+
+    python bench/bench_eval.py [--profile ci|full] [--device cpu|cuda] [--lm-eval] [--threads N]
 """
 
 from __future__ import annotations
@@ -137,7 +143,7 @@ def run(profile: str, device: str) -> list[dict]:
                     "params": sum(p.numel() for p in model.parameters()),
                     "workload": workload,
                     "context": context,
-                    "stride": context // 2,
+                    "stride": context,
                     "batch_tokens": settings["batch_tokens"],
                     "dtype": dtype,
                     "examples": examples,
@@ -159,6 +165,82 @@ def run(profile: str, device: str) -> list[dict]:
     return records
 
 
+LMEVAL_SHAPE = {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "max_seq_len": 512}
+LMEVAL_TASKS = ["t_mmlu", "t_ai_risk", "t_rolling"]
+
+
+def run_lm_eval_comparison(device: str, n_test: int = 40, reps: int = 2) -> list[dict]:
+    """Wall time of lm-eval with --model relscale and --model hf on the same weights and tasks."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    import lm_eval
+    import transformers
+
+    import relscale.eval.lmeval  # noqa: F401 -- registers --model relscale
+    from relscale.eval.hf import export_hf
+    from relscale.model_io import save_model
+    from tests.eval.lmeval_fixtures import build_tokenizer, run_lm_eval, write_tasks
+
+    root = Path(tempfile.mkdtemp(prefix="bench-lmeval-"))
+    tokenizer = build_tokenizer()
+    files = write_tasks(root / "tasks", n_test=n_test, doc_words=(50, 200, 400, 800, 1600, 3000))
+    tok_path = root / "tokenizer.json"
+    tokenizer.save(str(tok_path))
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.get_vocab_size(), qk_norm=True, **LMEVAL_SHAPE)
+    model = Transformer(cfg)
+    final = root / "run" / "final"
+    save_model(model, final, {"tokens": 1})
+    export_hf(model, root / "hf", tokenizer_path=tok_path, eos_token="<|endoftext|>")
+    variants = {
+        "relscale": ("relscale", f"pretrained={final},tokenizer={tok_path}", 1),
+        "hf_bs1": ("hf", f"pretrained={root / 'hf'},dtype=float32", 1),
+        "hf_bs16": ("hf", f"pretrained={root / 'hf'},dtype=float32", 16),
+    }
+    walls: dict[str, float] = {}
+    responses: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    for name, (model_name, args, batch) in variants.items():
+        best = None
+        for _ in range(reps):
+            start = time.perf_counter()
+            results = run_lm_eval(
+                model_name, args, files["tasks"], LMEVAL_TASKS, batch_size=batch, device=device
+            )
+            seconds = time.perf_counter() - start
+            best = seconds if best is None else min(best, seconds)
+        walls[name] = best
+        samples = results["samples"]
+        flat = []
+        for task in sorted(samples):
+            for sample in sorted(samples[task], key=lambda x: x["doc_id"]):
+                for resp in sample["filtered_resps"]:
+                    flat.append(float(resp[0]) if isinstance(resp, list | tuple) else float(resp))
+        responses[name] = flat
+        counts[name] = len(flat)
+        print(name, f"{best:.2f}s", flush=True)
+    diff = max(abs(a - b) for a, b in zip(responses["relscale"], responses["hf_bs1"], strict=True))
+    params = sum(p.numel() for p in model.parameters())
+    return [
+        {
+            "comparison": "lm_eval simple_evaluate wall time, best of reps",
+            "tasks": LMEVAL_TASKS,
+            "mmlu_questions": 2 * n_test,
+            "requests": counts["relscale"],
+            "model": {**LMEVAL_SHAPE, "vocab": cfg.vocab_size, "params": params},
+            "wall_s": walls,
+            "speedup_vs_hf_bs1": walls["hf_bs1"] / walls["relscale"],
+            "speedup_vs_hf_bs16": walls["hf_bs16"] / walls["relscale"],
+            "max_abs_loglikelihood_diff_vs_hf": diff,
+            "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
+            "transformers": transformers.__version__,
+            "reps": reps,
+        }
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,8 +248,24 @@ def main() -> None:
         "--profile", choices=sorted(PROFILES), default="full" if default_device == "cuda" else "ci"
     )
     parser.add_argument("--device", default=default_device)
+    parser.add_argument("--lm-eval", action="store_true", help="lm-eval --model relscale against --model hf")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
+    if args.lm_eval:
+        records = run_lm_eval_comparison(args.device)
+        meta = {
+            "device": args.device,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_1m_before": load_before,
+            "loadavg_1m_after": os.getloadavg()[0],
+        }
+        print(records[0])
+        print(write_results(NAME + "-lmeval", records, meta=meta))
+        return
     records = run(args.profile, args.device)
     meta = {
         "profile": args.profile,

@@ -4,8 +4,10 @@
     evaluate(["sweeps/sotu"], ["default", "mmlu:data/mmlu"], RunOptions(out_dir=Path("evals")))
 
 Modules: formats (eval sets), adapters (MMLU, Anthropic evals, BIG-bench), packing (windows and
-document-masked batches), scoring (tokenisation, NLL, metrics), hf (Llama/Qwen3 import and
-export), writer (Parquet dumps), runner (models -> dumps, the training hook), cli.
+document-masked batches), scoring (tokenisation as lm-evaluation-harness does it, start-token
+policies, NLL, metrics), hf (Llama/Qwen3 import and export), writer (Parquet dumps), runner
+(models -> dumps, the training hook), lmeval (``--model relscale`` for lm-eval; optional extra),
+from_lmeval (lm-eval ``--log_samples`` output -> dumps), cli.
 Names are imported on first use so ``relscale eval --help`` stays quick.
 """
 
@@ -20,6 +22,9 @@ _EXPORTS = {
     "load_eval_set": "relscale.eval.formats",
     "ScoreSettings": "relscale.eval.scoring",
     "score_requests": "relscale.eval.scoring",
+    "StartTokens": "relscale.eval.scoring",
+    "resolve_start": "relscale.eval.scoring",
+    "convert_lm_eval": "relscale.eval.from_lmeval",
     "export_hf": "relscale.eval.hf",
     "load_hf_model": "relscale.eval.hf",
 }

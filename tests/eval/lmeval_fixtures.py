@@ -112,8 +112,11 @@ def mmlu_rows(subject: str, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def write_tasks(root: Path) -> dict[str, Path]:
-    """Data files and lm-eval YAML tasks; returns the relscale inputs by name."""
+def write_tasks(
+    root: Path, n_test: int = 3, doc_words: tuple[int, ...] = (5, 30, 150, 400)
+) -> dict[str, Path]:
+    """Data files and lm-eval YAML tasks (``n_test`` MMLU questions per subject, one rolling
+    document per entry of ``doc_words``); returns the relscale inputs by name."""
     data, tasks = root / "data", root / "tasks"
     data.mkdir(parents=True)
     tasks.mkdir()
@@ -122,7 +125,7 @@ def write_tasks(root: Path) -> dict[str, Path]:
     (csv_root / "test").mkdir()
     letters = "ABCD"
     for k, subject in enumerate(MMLU_SUBJECTS):
-        splits = {"dev": mmlu_rows(subject, 5, 10 + k), "test": mmlu_rows(subject, 3, 20 + k)}
+        splits = {"dev": mmlu_rows(subject, 5, 10 + k), "test": mmlu_rows(subject, n_test, 20 + k)}
         for split, rows in splits.items():
             with (csv_root / split / f"{subject}_{split}.csv").open("w", newline="") as handle:
                 writer = csv.writer(handle)
@@ -218,7 +221,7 @@ def write_tasks(root: Path) -> dict[str, Path]:
     rng = random.Random(4)
     docs = [
         {"id": f"d{i}", "text": " ".join(rng.choice(WORDS) for _ in range(n))}
-        for i, n in enumerate((5, 30, 150, 400))
+        for i, n in enumerate(doc_words)
     ]
     texts.write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tasks / "t_rolling.yaml").write_text(
@@ -242,7 +245,13 @@ TASKS = ["t_mmlu_anatomy", "t_mmlu_world_religions", "t_ai_risk", "t_spaced", "t
 
 
 def run_lm_eval(
-    model: str, model_args: str, tasks_dir: Path, tasks: list[str], out: Path | None = None
+    model: str,
+    model_args: str,
+    tasks_dir: Path,
+    tasks: list[str],
+    out: Path | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
 ) -> dict:
     """lm_eval.simple_evaluate on local YAML tasks, offline, with --log_samples; when ``out`` is
     given the samples are also written the way ``lm_eval --output_path out --log_samples`` does."""
@@ -258,8 +267,8 @@ def run_lm_eval(
         tasks=tasks,
         task_manager=manager,
         log_samples=True,
-        batch_size=1,
-        device="cpu",
+        batch_size=batch_size,
+        device=device,
         bootstrap_iters=0,
         evaluation_tracker=tracker,
     )
