@@ -95,10 +95,15 @@ def _named_file(tb: TracebackType | None) -> str | None:
     for frame in reversed(frames):
         if "relscale" not in frame.f_code.co_filename:
             continue
+        local = frame.f_locals
         for name in _PATH_LOCALS:
-            value = frame.f_locals.get(name)
+            value = local.get(name)
             if isinstance(value, (str, Path)) and str(value) and len(str(value)) < 4096:
                 return str(value)
+        for value in local.values():  # else any existing file or folder the frame holds
+            if isinstance(value, Path) or (isinstance(value, str) and os.sep in value and len(value) < 4096):
+                if os.path.exists(value):
+                    return str(value)
     return None
 
 

@@ -200,6 +200,7 @@ def load_dcp_state(path: str | Path, state: dict[str, Any], *, verify: bool = Tr
     path = Path(path)
     if verify and (path / META).is_file():
         verify_checkpoint(path)
+    read_checkpoint_metadata(path)  # a missing, unreadable or unsafe .metadata, named on its own
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
@@ -316,7 +317,11 @@ def load_checkpoint(
     try:
         trainer_state = torch.load(trainer_file, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise DataError(f"{trainer_file}: unreadable trainer state ({str(err).splitlines()[0]})") from err
+        reason = (
+            "not a trainer state relscale wrote, or one holding objects other than tensors"
+            if isinstance(err, pickle.UnpicklingError) else str(err).splitlines()[0][:200]
+        )
+        raise DataError(f"{trainer_file}: unreadable trainer state ({type(err).__name__}: {reason})") from err
     set_rng_state(trainer_state.pop("rng"), env.device)
     return trainer_state
 
