@@ -13,7 +13,7 @@ Layout of the computation (what differs from a textbook pre-norm block, and why)
   input activation is read (and, under autocast, cast) once instead of three or two times.
 * **Fused residual add + RMSNorm.** Blocks pass ``(branch_output, residual)`` to each other; the
   next norm adds the branch output to the residual stream and normalises in one op
-  (:func:`relscale.ops.add_rms_norm` when present), the layout of FlashAttention's fused
+  (:func:`relscale.ops.add_rms_norm`), the layout of FlashAttention's fused
   ``dropout_add_layer_norm`` (Dao et al. 2022). The arithmetic is the textbook one,
   ``x_{i+1} = (x_i + attn) + mlp``, in the same order.
 * **bf16 end to end under autocast.** With fp32 weights under ``torch.autocast`` the embedding
@@ -49,28 +49,12 @@ def _compute_weight(weights: tuple[torch.Tensor, ...], device_type: str) -> torc
     return torch.cat(weights, dim=0)
 
 
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms_norm(x + residual) * weight, x + residual)`` for x, residual (..., d) of one dtype.
-
-    Routed to the fused kernel :func:`relscale.ops.add_rms_norm` (one read of x and residual, one
-    write of each output) when ops provides it, else computed as the add followed by
-    :func:`relscale.ops.rms_norm`. RMSNorm: Zhang & Sennrich, "Root Mean Square Layer
-    Normalization" (2019).
-    """
-    fused = getattr(ops, "add_rms_norm", None)
-    if fused is not None:
-        return fused(x, residual, weight, eps, backend=backend)
-    summed = x + residual
-    return ops.rms_norm(summed, weight, eps, backend=backend), summed
-
-
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim with a learned gain (initialised to 1), no bias.
 
     ``forward(x)`` returns ``rms_norm(x)`` (same shape and dtype as x); ``forward(x, residual)``
-    returns ``(rms_norm(x + residual), x + residual)`` through the fused op (:func:`add_rms_norm`).
+    returns ``(rms_norm(x + residual), x + residual)`` through the fused op
+    :func:`relscale.ops.add_rms_norm` (one pass over x and residual with the Triton backend).
     ``backend`` is the ``model.kernels.rms_norm`` choice.
     """
 
@@ -85,7 +69,7 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
-        return add_rms_norm(x, residual, self.weight, self.eps, self.backend)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, backend=self.backend)
 
 
 class Attention(nn.Module):

@@ -2,6 +2,7 @@
 every matmul in bf16: a TorchDispatchMode trace of forward, backward and an AdamW step records
 the dtype of every matrix product's operands (issue 14, section 2)."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -10,13 +11,17 @@ from relscale.config import KernelConfig, ModelConfig
 from relscale.model import Transformer
 
 V, S = 61, 16
+ATTENTION = ("scaled_dot_product", "flash_attn")  # torch's SDPA and relscale's Triton flash attention
 GEMMS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.addbmm", "aten.matmul", "aten.linear",
-         "aten.mv", "aten.dot", "aten._scaled_dot_product", "aten.scaled_dot_product", "linear_cross_entropy")
-LSE_SDPA = "scaled_dot_product"  # its logsumexp argument is fp32 by design, not a matmul operand
+         "aten.mv", "aten.dot", "linear_cross_entropy") + ATTENTION
+HEAD_DIM = 8
 
 
 class DtypeTrace(TorchDispatchMode):
-    """Records (phase, op name, dtypes of its floating tensor arguments) for every aten/custom op."""
+    """Records (phase, op name, dtypes of its floating tensor arguments) for every aten/custom op.
+
+    For attention ops only the (…, head_dim) arguments are matmul operands (q, k, v, out, dout);
+    their fp32 log-sum-exp is a softmax statistic by design, so it is left out."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -26,7 +31,10 @@ class DtypeTrace(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        dtypes = tuple(t.dtype for t in tensors if t.is_floating_point() and t.dim() >= 2)
+        tensors = [t for t in tensors if t.is_floating_point() and t.dim() >= 2]
+        if any(a in str(func) for a in ATTENTION):
+            tensors = [t for t in tensors if t.dim() >= 3 and t.shape[-1] == HEAD_DIM]
+        dtypes = tuple(t.dtype for t in tensors)
         self.calls.append((self.phase, str(func), dtypes))
         return func(*args, **kwargs)
 
@@ -34,12 +42,15 @@ class DtypeTrace(TorchDispatchMode):
         return [(name, dts) for p, name, dts in self.calls if p == phase and any(g in name for g in GEMMS)]
 
 
-def _model(cross_entropy: str = "torch", fused_loss: bool = True) -> Transformer:
+def _model(triton: bool = False, fused_loss: bool = True) -> Transformer:
+    """The torch reference ops, or the Triton kernels (interpreted on the CPU) for norm, attention, loss."""
     torch.manual_seed(0)
-    kernels = KernelConfig(rms_norm="torch", rope="torch", swiglu="torch", attention="torch",
-                           cross_entropy=cross_entropy)
+    kernel = "triton" if triton else "torch"
+    kernels = KernelConfig(rms_norm=kernel, rope="torch", swiglu="torch", attention=kernel,
+                           cross_entropy=kernel)
     cfg = ModelConfig(vocab_size=V, hidden=32, layers=2, heads=4, kv_heads=2, max_seq_len=64,
                       fused_loss=fused_loss, kernels=kernels)
+    assert cfg.d_head == HEAD_DIM
     return Transformer(cfg)
 
 
@@ -73,22 +84,28 @@ def _step(model: Transformer) -> tuple[DtypeTrace, dict[str, torch.dtype]]:
 
 def _assert_all_bf16(gemms):
     for name, dtypes in gemms:
-        operands = dtypes if LSE_SDPA not in name else tuple(d for d in dtypes if d != torch.float32)
-        assert operands and all(d == torch.bfloat16 for d in operands), f"{name} ran on {dtypes}"
+        assert dtypes and all(d == torch.bfloat16 for d in dtypes), f"{name} ran on {dtypes}"
 
 
-def test_training_step_under_autocast_does_every_matmul_in_bf16():
-    model = _model()
+@pytest.mark.parametrize("triton", [False, True], ids=["torch-ops", "triton-kernels"])
+def test_training_step_under_autocast_does_every_matmul_in_bf16(triton):
+    model = _model(triton)
     trace, seen = _step(model)
     forward, backward = trace.gemms("forward"), trace.gemms("backward")
     _assert_all_bf16(forward)
     _assert_all_bf16(backward)
     assert trace.gemms("optimizer") == []  # AdamW is elementwise: no GEMM, in any dtype
     # One matmul per projection: QKV, wo, gate-up, w_down per block (not 7: the input is read
-    # once per fused projection), plus the head; twice over (hidden_states, then the loss).
+    # once per fused projection), twice over (hidden_states, then the loss), plus the head: an aten
+    # matmul on the torch path, inside the fused linear cross-entropy op on the Triton path.
     mms = [name for name, _ in forward if name.startswith("aten.mm")]
-    assert len(mms) == 2 * (4 * 2) + 1
-    assert len([n for n, _ in backward if n.startswith("aten.mm")]) == 2 * (4 * 2 + 1)
+    assert len(mms) == 2 * (4 * 2) + (0 if triton else 1)
+    assert len([n for n, _ in backward if n.startswith("aten.mm")]) == 2 * 4 * 2 + (0 if triton else 2)
+    if triton:  # the fused loss and the attention kernels ran, on bf16 operands (checked above)
+        names = {name for name, _ in forward}
+        assert "relscale.linear_cross_entropy_fwd_.default" in names
+        assert "relscale.flash_attn_varlen_fwd.default" in names
+        assert "relscale.flash_attn_varlen_bwd.default" in {name for name, _ in backward}
     # The activations themselves are bf16, not cast back and forth around each matmul.
     assert seen == dict(branch=torch.bfloat16, residual=torch.bfloat16, norm=torch.bfloat16,
                         hidden=torch.bfloat16, loss=torch.float32)
