@@ -233,6 +233,10 @@ def _export(args: argparse.Namespace) -> int:
     info = read_info(entry, RunOptions(sets=_sets_with_data(args.data), meta=_parse_meta(args.meta)))
     model = load_weights(entry, info.cfg, "cpu")
     tokenizer = args.tokenizer
+    if tokenizer is None:  # eval-hf: the tokenizer stored next to the weights (a moved run has no data)
+        from relscale.eval.runner import own_tokenizer
+
+        tokenizer = (own_tokenizer(entry) or (None,))[0]
     if tokenizer is None and info.data_dir is not None and (info.data_dir / "tokenizer.json").is_file():
         tokenizer = info.data_dir / "tokenizer.json"
     out = export_hf(

@@ -548,11 +548,14 @@ def parse_checkpoint_name(name: str) -> CheckpointName | None:
     return CheckpointName(budget, hidden, layers, batch, match["sweep"])
 
 
-def meta_from_name(name: str, cfg: ModelConfig, meta: dict[str, Any], where: str) -> dict[str, Any]:
-    """``meta`` completed from an IsoFLOP checkpoint name: ``budget``, and when ``tokens`` is not
-    known, ``tokens = steps * batch * seq_len`` with the steps of the sweep rule (module
-    docstring), ``seq_len``, ``steps`` and ``global_batch``. Keys already in ``meta`` (from
-    ``relscale_meta.json`` or ``--meta``) win. A name that does not match is ignored.
+def meta_from_name(
+    name: str, cfg: ModelConfig, meta: dict[str, Any], where: str, *, tokens: bool = True
+) -> dict[str, Any]:
+    """``meta`` completed from an IsoFLOP checkpoint name: ``budget``, and (with ``tokens``, for
+    the run's final weights) when ``tokens`` is not known, ``tokens = steps * batch * seq_len``
+    with the steps of the sweep rule (see the section comment), ``seq_len``, ``steps`` and
+    ``global_batch``. Keys already in ``meta`` (from ``relscale_meta.json`` or ``--meta``) win.
+    A name that does not match is ignored.
 
     Raises DataError naming ``where`` when the name's width or depth contradicts the config, or
     when no whole number of steps reaches the named budget within 1% (the seq_len is then not
@@ -568,7 +571,7 @@ def meta_from_name(name: str, cfg: ModelConfig, meta: dict[str, Any], where: str
         )
     out = dict(meta)
     out.setdefault("budget", parsed.budget)
-    if out.get("tokens") is not None:
+    if out.get("tokens") is not None or not tokens:
         return out
     budget = float(out["budget"])
     seq_len = int(out.get("seq_len") or cfg.max_seq_len)

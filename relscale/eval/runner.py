@@ -252,8 +252,9 @@ def read_info(entry: ModelEntry, opts: RunOptions) -> ModelInfo:
     else:
         cfg, meta = _checkpoint_info(entry)
     meta = {**meta, **opts.meta}
-    # eval-hf: budget, tokens and FLOPs of an isoflop-<budget>-d<d>-L<L>-B<B>-<sweep> checkpoint
-    meta = hf.meta_from_name(_entry_name(entry), cfg, meta, str(entry.path))
+    # eval-hf: budget, tokens and FLOPs of an isoflop-<budget>-d<d>-L<L>-B<B>-<sweep> checkpoint;
+    # a run's intermediate checkpoint did not train the whole budget: no tokens from the name
+    meta = hf.meta_from_name(_entry_name(entry), cfg, meta, str(entry.path), tokens=entry.kind != "dcp")
     return ModelInfo(cfg, meta, _resolve_data_dir(opts.sets.data_dir, meta))
 
 
@@ -365,7 +366,7 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _own_tokenizer(entry: ModelEntry) -> tuple[Path, int | None] | None:
+def own_tokenizer(entry: ModelEntry) -> tuple[Path, int | None] | None:
     """eval-hf: (tokenizer.json, EOS id) stored next to a relscale model's weights (for a run's
     DCP checkpoints: its final/ folder's), so a moved run folder needs no prepared data."""
     if entry.kind == "relscale":
@@ -395,7 +396,7 @@ def load_tokenizer_for(entry: ModelEntry, info: ModelInfo, opts: RunOptions) -> 
         tokenizer = hf.load_hf_tokenizer(entry.path)
         where, key = str(entry.path), _file_key(entry.path / "tokenizer.json")
         bos_id, eos_id, add_bos = hf_special_tokens(entry.path, tokenizer)
-    elif (own := _own_tokenizer(entry)) is not None:  # eval-hf: tokenizer.json saved with the weights
+    elif (own := own_tokenizer(entry)) is not None:  # eval-hf: tokenizer.json saved with the weights
         tokenizer, where, key = Tokenizer.from_file(str(own[0])), str(own[0]), _file_key(own[0])
         bos_id, eos_id, add_bos = None, own[1], None  # our data: an EOS between documents
     else:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from relscale.cli import main
 from relscale.config import DataConfig, TrainConfig
 from relscale.counting import flops_per_token_marin
 from relscale.errors import DataError
@@ -189,6 +190,8 @@ def test_tokens_from_a_name_by_hand():
         "budget": 2e18,
     }
     assert hf.meta_from_name("my-model", cfg, {"a": 1}, "x") == {"a": 1}
+    # a run's intermediate checkpoint: the budget of the run, no tokens from the name
+    assert hf.meta_from_name("isoflop-1e+18-d512-L6-B32", cfg, {}, "x", tokens=False) == {"budget": 1e18}
 
 
 def test_names_that_contradict_the_checkpoint_are_refused():
@@ -268,3 +271,11 @@ def test_moved_run_folder_still_evaluates(tmp_path, data_dir, text_set):
     assert len(a) == 6
     np.testing.assert_array_equal(a.nll.to_numpy(), b.nll.to_numpy())
     assert a.n_tokens.tolist() == b.n_tokens.tolist()
+    # the moved run also exports with its own tokenizer, and the export scores the same
+    exported = tmp_path / "exported"
+    assert main(["eval", str(tmp_path / "there"), "--export-hf", str(exported), "--quiet"]) == 0
+    assert (exported / "tokenizer.json").read_bytes() == (
+        tmp_path / "there" / "final" / "tokenizer.json"
+    ).read_bytes()
+    hf_dump = evaluate([exported], spec, RunOptions(out_dir=tmp_path / "hf", quiet=True))[0].path
+    np.testing.assert_allclose(pd.read_parquet(hf_dump).nll.to_numpy(), a.nll.to_numpy(), rtol=1e-6)
