@@ -247,3 +247,38 @@ def grid_rows(runs: list[RunSpec]) -> list[dict[str, Any]]:
 
 def spec_to_json(run: RunSpec) -> dict[str, Any]:
     return {**run.row(), "folder": run.folder, "train": to_dict(run.train)}
+
+
+def chinchilla_optimal_params(budget: float, *, flop_convention: str = "marin",
+                              tokens_per_param: float = 20.0) -> float:
+    """Predicted loss-optimal parameter count N* at an IsoFLOP budget, from C_train = 6 N D with
+    D = tokens_per_param * N (Hoffmann et al. 2022, "Training Compute-Optimal Large Language
+    Models", Table 3: about 20 tokens per parameter). A budget in the ``marin`` (forward-only)
+    convention is 3x fewer FLOPs than the training FLOPs it buys, hence N* = sqrt(3 C / (6 r)).
+    Returns parameters (a float); raises DataError for a budget <= 0."""
+    if not budget > 0:
+        raise DataError(f"budget {budget} must be positive")
+    train_flops = 3.0 * budget if flop_convention == "marin" else budget
+    return math.sqrt(train_flops / (6.0 * tokens_per_param))
+
+
+def widths_around(cfg: SweepConfig, budget: float, vocab_size: int, n_opt: float, *, n_widths: int = 5,
+                  candidate_widths: list[int] | None = None) -> list[int]:
+    """``n_widths`` consecutive widths of ``cfg``'s rule at ``budget`` whose total parameter counts
+    surround the predicted optimum ``n_opt`` (the kept width nearest to it in log N sits in the
+    middle, or as near the middle as the range allows), as Marin's widths bracket the optimum of
+    each budget at scale. ``candidate_widths`` (default: head_dim, 2 head_dim, ... 32 head_dim)
+    are filtered by the rule's batch / LR / FLOP-tolerance drops first. Returns sorted widths;
+    raises DataError when fewer than 3 widths survive (no parabola could be fitted)."""
+    widths = candidate_widths or [cfg.head_dim * k for k in range(1, 33)]
+    probe = replace(copy.deepcopy(cfg), width=replace(cfg.width, min=min(widths), max=max(widths),
+                                                      step=cfg.head_dim, by_budget=[]))
+    kept = [c.hidden for c in candidates(probe, budget, vocab_size)
+            if c.dropped is None and c.hidden in widths and _micro_batch(cfg, c.batch) is not None]
+    if len(kept) < 3:
+        raise DataError(f"budget {budget:.3g}: only widths {kept} survive the rule; need at least 3")
+    params = [param_counts(_model(cfg, w, vocab_size)).total for w in kept]
+    centre = min(range(len(kept)), key=lambda i: abs(math.log(params[i] / n_opt)))
+    n = min(n_widths, len(kept))
+    start = min(max(centre - n // 2, 0), len(kept) - n)
+    return kept[start:start + n]
