@@ -243,8 +243,8 @@ class Transformer(nn.Module):
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embed(tokens)
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):  # the residual stream in the compute dtype
-            x = x.to(torch.get_autocast_dtype(device_type))
+        if torch.is_autocast_enabled(device_type) and x.dtype == torch.float32:
+            x = x.to(torch.get_autocast_dtype(device_type))  # the residual stream in the compute dtype
         inv_freq = self.rope_inv_freq(tokens.device)
         residual: torch.Tensor | None = None
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
