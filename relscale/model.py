@@ -13,8 +13,8 @@ Layout of the computation (what differs from a textbook pre-norm block, and why)
   input activation is read (and, under autocast, cast) once instead of three or two times.
 * **Fused residual add + RMSNorm.** Blocks pass ``(branch_output, residual)`` to each other; the
   next norm adds the branch output to the residual stream and normalises in one op
-  (:func:`relscale.ops.add_rms_norm`), the layout of FlashAttention's fused
-  ``dropout_add_layer_norm`` (Dao et al. 2022). The arithmetic is the textbook one,
+  (:func:`relscale.ops.add_rms_norm`), as the pre-norm ``Block`` of the flash-attn library passes
+  ``(hidden_states, residual)`` to its fused add + norm. The arithmetic is the textbook one,
   ``x_{i+1} = (x_i + attn) + mlp``, in the same order.
 * **bf16 end to end under autocast.** With fp32 weights under ``torch.autocast`` the embedding
   output is cast to the autocast dtype, so the residual stream, every norm and the fused
