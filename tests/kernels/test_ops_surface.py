@@ -51,19 +51,23 @@ def test_add_rms_norm_promotes_a_bf16_branch_into_an_fp32_stream(backend):
 @pytest.mark.parametrize("docs", [False, True])
 def test_attention_lse_and_deterministic(backend, docs):
     gen = _gen(2)
-    b, s, h, kv, d = 2, 24, 4, 2, 16
-    q = torch.randn(b, s, h, d, generator=gen).to(DEVICE).requires_grad_()
-    k = torch.randn(b, s, kv, d, generator=gen).to(DEVICE).requires_grad_()
-    v = torch.randn(b, s, kv, d, generator=gen).to(DEVICE).requires_grad_()
-    cu = torch.tensor([0, 10, 24, 31, 48], dtype=torch.int32, device=DEVICE) if docs else None
-    out, lse = ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=24, deterministic=True, return_lse=True,
-                             backend=backend)
-    assert lse.shape == (b, h, s) and lse.dtype == torch.float32
-    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE)
-    grad_lse = torch.randn(lse.shape, generator=gen)
-    torch.autograd.backward((out, lse), (grad_out, grad_lse.to(DEVICE)))
+    b, s, h, kv, d = 2, 20, 2, 1, 16
+    base = [torch.randn(b, s, n, d, generator=gen).to(DEVICE) for n in (h, kv, kv)]
+    cu = torch.tensor([0, 9, 20, 27, 40], dtype=torch.int32, device=DEVICE) if docs else None
+    grad_out = torch.randn(b, s, h, d, generator=gen).to(DEVICE)
+    grad_lse = torch.randn(b, h, s, generator=gen).to(DEVICE)
+
+    def run():
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out, lse = ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=s, deterministic=True, return_lse=True,
+                                 backend=backend)
+        torch.autograd.backward((out, lse), (grad_out, grad_lse))
+        return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+    first = run()
+    assert first[1].shape == (b, h, s) and first[1].dtype == torch.float32
     # float64 reference written out: scores, mask, softmax
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.double().requires_grad_() for t in base)
     kk, vv = k64.repeat_interleave(h // kv, dim=2), v64.repeat_interleave(h // kv, dim=2)
     scores = torch.einsum("bshd,bthd->bhst", q64, kk) / d**0.5
     mask = torch.ones(s, s, dtype=torch.bool, device=DEVICE).tril()
@@ -73,19 +77,12 @@ def test_attention_lse_and_deterministic(backend, docs):
     scores = scores.masked_fill(~mask, float("-inf"))
     ref_lse = torch.logsumexp(scores, -1)
     ref_out = torch.einsum("bhst,bthd->bshd", torch.softmax(scores, -1), vv)
-    torch.autograd.backward((ref_out, ref_lse), (grad_out.double(), grad_lse.double().to(DEVICE)))
-    pairs = [(out, ref_out), (lse, ref_lse), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)]
-    for ours, ref in pairs:
+    torch.autograd.backward((ref_out, ref_lse), (grad_out.double(), grad_lse.double()))
+    for ours, ref in zip(first, (ref_out, ref_lse, q64.grad, k64.grad, v64.grad)):
         torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-4, atol=1e-4)
     # deterministic: the same bits on a second run
-    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out2 = ops.attention(q2, k2, v2, cu_seqlens=cu, max_seqlen=24, deterministic=True, backend=backend)
-    out2.backward(grad_out)
-    assert torch.equal(out2, out.detach())
-    q3 = q.detach().clone().requires_grad_()
-    ops.attention(q3, k2.detach(), v2.detach(), cu_seqlens=cu, max_seqlen=24, deterministic=True,
-                  backend=backend).backward(grad_out)
-    assert torch.equal(q3.grad, q2.grad)
+    for a, b_ in zip(first, run()):
+        assert torch.equal(a, b_)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -118,9 +115,11 @@ class MatmulDtypes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        if name.startswith("aten::") and name.split("::")[1] in self.MATMULS:
-            dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
-            self.calls.append((name, dtypes))
+        op = name.split("::")[-1]
+        if name.startswith("aten::") and op in self.MATMULS:
+            # the two matrix operands (addmm's accumulator C may be fp32 by design: out_dtype)
+            operands = args[1:3] if op.startswith(("addmm", "baddbmm")) else args[:2]
+            self.calls.append((name, tuple(a.dtype for a in operands)))
         if name.startswith("relscale::"):  # look inside the custom op: run its backend kernel
             device = next(a.device for a in args if isinstance(a, torch.Tensor))
             key = torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
@@ -130,13 +129,14 @@ class MatmulDtypes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_fused_linear_ce_gemms_run_in_bf16_under_cpu_autocast(reduction):
+def test_fused_linear_ce_gemms_run_in_bf16_under_autocast(reduction):
+    # on the CPU (CI): torch.autocast("cpu", bf16) with the Triton interpreter; on a GPU: "cuda"
     gen = _gen(4)
-    hidden = torch.randn(40, 16, generator=gen).requires_grad_()  # fp32 residual stream
-    weight = torch.randn(50, 16, generator=gen).requires_grad_()  # fp32 parameter
-    targets = torch.randint(0, 50, (40,), generator=gen)
+    hidden = torch.randn(40, 16, generator=gen).to(DEVICE).requires_grad_()  # fp32 residual stream
+    weight = torch.randn(50, 16, generator=gen).to(DEVICE).requires_grad_()  # fp32 parameter
+    targets = torch.randint(0, 50, (40,), generator=gen).to(DEVICE)
     trace = MatmulDtypes()
-    with torch.autocast("cpu", dtype=torch.bfloat16), trace:
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), trace:
         loss = ops.linear_cross_entropy(hidden, weight, targets, reduction=reduction, backend="triton")
         loss.sum().backward()
     names = [name for name, _ in trace.calls]
@@ -146,15 +146,18 @@ def test_fused_linear_ce_gemms_run_in_bf16_under_cpu_autocast(reduction):
     assert hidden.grad.dtype == weight.grad.dtype == torch.float32
     logits64 = hidden.detach().double() @ weight.detach().double().t()
     ref = F.cross_entropy(logits64, targets, reduction=reduction)
+    loss = loss.cpu() if DEVICE != "cpu" else loss
+    ref = ref.to(loss.device)
     torch.testing.assert_close(loss.double(), ref, rtol=3e-2, atol=3e-2)
 
 
 def test_autocast_attention_runs_in_the_autocast_dtype_and_norms_keep_theirs():
     gen = _gen(5)
-    q = torch.randn(1, 16, 2, 16, generator=gen)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    q = torch.randn(1, 16, 2, 16, generator=gen).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         out = ops.attention(q, q[:, :, :1], q[:, :, :1], backend="triton")
-        normed = ops.rms_norm(q, torch.ones(16), 1e-6, backend="triton")
-        loss = ops.cross_entropy(q.reshape(32, 16), torch.zeros(32, dtype=torch.long), backend="triton")
+        normed = ops.rms_norm(q, torch.ones(16, device=DEVICE), 1e-6, backend="triton")
+        targets = torch.zeros(32, dtype=torch.long, device=DEVICE)
+        loss = ops.cross_entropy(q.reshape(32, 16), targets, backend="triton")
     assert out.dtype == torch.bfloat16  # as autocast does for scaled_dot_product_attention
     assert normed.dtype == torch.float32 and loss.dtype == torch.float32
