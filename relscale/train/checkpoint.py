@@ -17,6 +17,7 @@ classes in ``.metadata`` and load non-tensor values with ``weights_only=True``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -267,9 +268,12 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier(env)
     model_state, optim_state = get_state_dict(model, optimizer)
-    with _quiet_single_process(env):
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-    torch.save({**trainer_state, "rng": rng_state(env.device)}, tmp / f"trainer_rank{env.rank}.pt")
+    try:
+        with _quiet_single_process(env):
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    except CheckpointException as err:
+        raise _save_error(tmp, err) from None
+    save_torch({**trainer_state, "rng": rng_state(env.device)}, tmp / f"trainer_rank{env.rank}.pt")
     barrier(env)  # every rank has written its part
     if env.is_main:
         # Checksums of every file: a checkpoint damaged on disk is refused at load, naming the file,
@@ -287,6 +291,33 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     barrier(env)
     return final
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT, or torch's zip writer's way of saying it ("unexpected pos 704 vs 598")."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, RuntimeError) and "unexpected pos" in str(err)
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``; a full disk raises ``OSError(ENOSPC, "no space left on device:
+    PATH")`` instead of torch's "unexpected pos" RuntimeError."""
+    try:
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as err:
+        if _is_disk_full(err):
+            raise OSError(errno.ENOSPC, f"no space left on device: {path}") from err
+        raise
+
+
+def _save_error(folder: Path, err: CheckpointException) -> BaseException:
+    """A failed DCP save as an ordinary exception: a full disk names the folder."""
+    causes = [exc for exc, _ in err.failures.values()] if isinstance(err.failures, dict) else []
+    if any(_is_disk_full(cause) for cause in causes):
+        return OSError(errno.ENOSPC, f"no space left on device: {folder}")
+    first = causes[0] if causes else err
+    return RuntimeError(f"{folder}: writing the checkpoint failed ({type(first).__name__}: {first})")
 
 
 def read_meta(path: Path) -> dict[str, Any]:
