@@ -3,7 +3,8 @@
 Per row (one program per row at real vocabularies, several rows per program for short rows), with
 z the logits after optional soft-capping z = c * tanh(x / c):
     pass 1, online softmax over the vocabulary in BLOCK_V chunks: lse = logsumexp(z)
-    loss   = lse - z[target] + w_z * lse^2                    (w_z: z-loss weight)
+    loss   = (max - z[target]) + log(sum exp(z - max)) + w_z * lse^2      (w_z: z-loss weight)
+             (the same as lse - z[target], formed so fp32 keeps its digits for logits near +-1e4)
     pass 2, when a gradient is wanted, right after pass 1 so the row is still in L2:
     dL/dx  = (softmax(z) * (1 + 2 w_z lse) - onehot(target)) * dz/dx * scale,
              dz/dx = 1 - (z / c)^2 with soft-capping, else 1
