@@ -64,8 +64,9 @@ def test_tiny_config_learns_far_below_the_unigram_entropy(sotu, tmp_path):
     assert meta["tokens"] == tokens and meta["steps"] == 200 and meta["global_batch"] == cfg.micro_batch
     assert meta["train_config"]["model"]["hidden"] == 64 and meta["data_path"] == str(sotu)
     total = count = 0.0
+    assert cfg.eval_windows == 64  # eval_tokens = 8192 tokens of 128-token windows
     with torch.no_grad():
-        for b in validation_batches(data, cfg.data.seq_len, cfg.micro_batch, cfg.eval_batches):
+        for b in validation_batches(data, cfg.data.seq_len, 16, cfg.eval_windows // 16):
             total += model(b.tokens, b.targets, positions=b.positions, cu_seqlens=b.cu_seqlens,
                            max_seqlen=b.max_seqlen, reduction="sum").item()
             count += b.targets.numel()
@@ -108,9 +109,27 @@ def test_stop_and_resume_repeats_the_uninterrupted_losses(sotu, tmp_path):
     assert sorted(p.name for p in (tmp_path / "broken/checkpoints").iterdir()) == ["step_0000020"]
 
 
+def test_c_adamc_state_resumes_exactly(sotu, tmp_path):
+    """C-AdamC's moments and step counts go through the DCP checkpoint: stopped after step 4 and
+    resumed from step 3, the run repeats the uninterrupted losses and weights bit for bit."""
+    common = ["steps=6", "ckpt_interval=3", "optim.name='c_adamc'", "optim.lr=1e-2"]
+    train(small_config(sotu, tmp_path / "whole", *common))
+
+    def crash(step, model):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(sotu, tmp_path / "broken", *common), on_step=crash)
+    train(small_config(sotu, tmp_path / "broken", *common))
+    assert _losses(tmp_path / "broken") == _losses(tmp_path / "whole")
+    for name, value in load_file(tmp_path / "whole/final/model.safetensors").items():
+        assert torch.equal(value, load_file(tmp_path / "broken/final/model.safetensors")[name]), name
+
+
 @pytest.mark.slow
 def test_two_processes_with_fsdp_match_one_process(sotu, tmp_path):
-    common = ["steps=8", "eval_batches=3", "ckpt_interval=4"]
+    common = ["steps=8", "eval_tokens=384", "ckpt_interval=4"]
     train(small_config(sotu, tmp_path / "one", "grad_accum=2", *common))
     empty = tmp_path / "empty.toml"
     empty.write_text("")
@@ -138,7 +157,7 @@ def test_fused_triton_loss_with_an_fsdp2_sharded_output_weight(sotu, tmp_path):
     """The Triton fused linear cross-entropy under FSDP2 (2 processes, the output weight sharded
     and gathered by FSDP before use; Triton's interpreter on CPU) gives the losses of the
     single-process torch-reference run."""
-    common = ["steps=4", "eval_batches=2", "ckpt_interval=4"]
+    common = ["steps=4", "eval_tokens=256", "ckpt_interval=4"]
     train(small_config(sotu, tmp_path / "one", "grad_accum=2", *common))
     empty = tmp_path / "empty.toml"
     empty.write_text("")
@@ -157,7 +176,7 @@ def test_fused_triton_loss_with_an_fsdp2_sharded_output_weight(sotu, tmp_path):
 @pytest.mark.slow
 def test_single_process_checkpoint_resumes_on_two_processes(sotu, tmp_path):
     # DCP reshards the plain model's checkpoint onto FSDP; the loader continues with the new layout.
-    common = ["steps=8", "eval_batches=3", "ckpt_interval=4"]
+    common = ["steps=8", "eval_tokens=384", "ckpt_interval=4"]
     reference = small_config(sotu, tmp_path / "one", "grad_accum=2", *common)
     train(reference)
 
@@ -295,3 +314,129 @@ def test_dump_steps_write_per_example_dumps_during_training(sotu, tmp_path):
     early, late = (frames[p.stem] for p in dumps)
     assert late["nll"].sum() < early["nll"].sum()  # the model learns between steps 2 and 4
     assert result.status == "done"
+
+
+@pytest.mark.slow
+def test_validation_loss_and_c_adamc_do_not_depend_on_the_batch_layout(sotu, tmp_path):
+    """One run of global batch 4 laid out as (micro_batch, grad_accum) = (1, 4), (4, 1) and as two
+    FSDP2 processes of (2, 1), with C-AdamC: the same losses and weights (the cautious mask's mean
+    is over whole tensors, not shards) and the same validation loss to 1e-5 (the same held-out
+    windows whatever the layout; eval_tokens=640 is 20 windows, not a multiple of any batch)."""
+    common = ["steps=6", "eval_tokens=640", "ckpt_interval=6", "optim.name='c_adamc'", "optim.lr=1e-2"]
+    layouts = {"a": ["micro_batch=1", "grad_accum=4"], "b": ["micro_batch=4", "grad_accum=1"]}
+    for name, layout in layouts.items():
+        train(small_config(sotu, tmp_path / name, *layout, *common))
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    launched = _run([
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "relscale.train",
+        str(empty), *small_overrides(sotu, tmp_path / "two", "micro_batch=2", "grad_accum=1", *common),
+    ])
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    runs = ["a", "b", "two"]
+    results = {d: json.loads((tmp_path / d / "result.json").read_text()) for d in runs}
+    losses = {d: _losses(tmp_path / d) for d in runs}
+    for d in runs[1:]:
+        assert sorted(losses[d]) == list(range(1, 7))
+        for step, loss in losses["a"].items():
+            assert losses[d][step] == pytest.approx(loss, rel=2e-5), (d, step)
+        assert results[d]["final_val_loss"] == pytest.approx(results["a"]["final_val_loss"], rel=1e-5), d
+    # Weights: with eps 1e-15 Adam turns the rounding noise of near-zero gradients into O(lr)-scale
+    # relative changes, so a handful of elements (measured: <= 8 of 3e5) move by ~1e-4; a mask mean
+    # taken over a shard instead of the whole tensor would rescale every update by ~1%.
+    weights = {d: load_file(tmp_path / d / "final/model.safetensors") for d in runs}
+    total = sum(v.numel() for v in weights["a"].values())
+    for d in runs[1:]:
+        off = 0
+        for name, value in weights["a"].items():
+            diff = (weights[d][name] - value).abs()
+            assert float(diff.max()) < 1e-3, (d, name)
+            off += int((diff > 1e-5 + 1e-4 * value.abs()).sum())
+        assert off <= 1e-4 * total, (d, off)
+    stored = json.loads((tmp_path / "two/final/config.json").read_text())
+    assert stored["meta"]["train_config"]["optim"]["name"] == "c_adamc"
+
+
+def test_a_second_trainer_on_the_same_out_dir_refuses(sotu, tmp_path):
+    """While a run trains, `relscale train` on its out_dir exits 2 naming the out_dir; the first run
+    keeps every metric record (before the lock, the second unlinked the first's metrics.jsonl)."""
+    cfg = small_config(sotu, tmp_path / "run", "steps=6", "log_interval=1")
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    second = {}
+
+    def launch_second(step, model):
+        if step == 2:
+            second["proc"] = _run(["-m", "relscale.train", str(empty),
+                                   *small_overrides(sotu, tmp_path / "run", "steps=6")])
+
+    result = train(cfg, on_step=launch_second)
+    proc = second["proc"]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(tmp_path / "run") in proc.stderr and "in use by another training run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert result.status == "done" and sorted(_losses(tmp_path / "run")) == list(range(1, 7))
+    # The lock goes with the run: afterwards the finished run is reported as it is.
+    assert train(cfg).wall_s == result.wall_s
+
+
+def test_a_non_finite_final_validation_loss_is_not_done(sotu, tmp_path):
+    from relscale.train import NonFiniteValidationLoss
+
+    cfg = small_config(sotu, tmp_path, "steps=4", "ckpt_interval=2")
+
+    def poison(step, model):
+        if step == 4:  # after the last optimizer step: the training loss of step 4 was finite
+            with torch.no_grad():
+                model.norm.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteValidationLoss, match="validation loss is nan after step 4"):
+        train(cfg, on_step=poison)
+    stored = json.loads((tmp_path / "result.json").read_text())
+    assert stored["status"] == "diverged" and stored["final_val_loss"] is None
+    assert stored["diverged_on"] == "validation" and stored["diverged_step"] == 4
+    assert not (tmp_path / "final").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002"]
+    with pytest.raises(TrainingDiverged):  # the stored outcome stands
+        train(cfg)
+
+
+def test_marin_preset_config_trains_on_the_cpu(sotu, tmp_path):
+    """The marin sweep's run template (C-AdamC, Llama-3 RoPE, RMSNorm eps 1e-5) on a tiny shape
+    trains a few steps; the stored config carries the optimizer and RoPE scaling it used."""
+    import copy
+    from dataclasses import replace
+
+    from relscale.sweep.presets import marin
+
+    cfg = copy.deepcopy(marin().train)
+    cfg.model = replace(cfg.model, vocab_size=4096, hidden=32, layers=2, heads=2, max_seq_len=32)
+    cfg.data = replace(cfg.data, path=str(sotu), seq_len=32)
+    cfg.optim = replace(cfg.optim, lr=1e-2)
+    cfg.steps, cfg.micro_batch, cfg.eval_tokens, cfg.ckpt_interval = 6, 4, 256, 0
+    cfg.out_dir, cfg.log_interval = str(tmp_path), 1
+    result = train(cfg)
+    losses = _losses(tmp_path)
+    assert result.status == "done" and losses[6] < losses[1] - 0.3
+    stored = json.loads((tmp_path / "final/config.json").read_text())["meta"]["train_config"]
+    assert stored["optim"]["name"] == "c_adamc" and stored["optim"]["eps"] == 1e-15
+    assert stored["model"]["rope_scaling"] == {
+        "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert stored["model"]["rope_theta"] == 500000.0 and stored["model"]["norm_eps"] == 1e-5
+
+
+def test_threads_flag(sotu, tmp_path):
+    from relscale.train.__main__ import main
+    from relscale.train.cli import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads(None)  # the default keeps what torch has
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main([str(REPO / "configs/tiny.toml"), "--threads", "0"]) == 2
