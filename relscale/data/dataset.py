@@ -100,7 +100,11 @@ class PreparedData:
             self._splits = self.manifest["splits"]
         except KeyError as error:
             raise DataError(f"{self.data_dir / MANIFEST}: missing key {error}") from error
-        self._check_sizes()
+        try:
+            self._check_sizes()
+        except (KeyError, TypeError) as error:  # a manifest edited by hand or cut short
+            raise DataError(f"{self.data_dir / MANIFEST}: malformed split or file record "
+                            f"({type(error).__name__}: {error})") from error
         if verify:
             self.verify()
 

@@ -271,6 +271,8 @@ class Sweep:
             raise RelscaleError(f"{self.root}: not a sweep directory (no sweep.json); "
                                 f"start it with `relscale sweep run {self.root} --config SWEEP.toml`")
         meta = _read_json(self.config_path)
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise RelscaleError(f"{self.config_path}: not a sweep config (no 'config' object)")
         if meta.get("format") != FORMAT_VERSION:
             raise RelscaleError(f"{self.config_path}: format {meta.get('format')} is not {FORMAT_VERSION}")
         return meta["config"]
@@ -326,9 +328,16 @@ class Sweep:
     # -- runs --------------------------------------------------------------------------------
 
     def _load(self) -> None:
-        data = _read_json(self.root / "runs.json")
-        self._base_train = data["base_train"]
-        self._records = [RunRecord(**r) for r in data["runs"]]
+        path = self.root / "runs.json"
+        try:
+            data = _read_json(path)
+        except FileNotFoundError:
+            raise RelscaleError(f"{path}: missing; the sweep directory is incomplete") from None
+        try:
+            self._base_train = data["base_train"]
+            self._records = [RunRecord(**r) for r in data["runs"]]
+        except (KeyError, TypeError) as err:
+            raise RelscaleError(f"{path}: not a run listing ({type(err).__name__}: {err})") from None
         self._by_id = {r.run_id: r for r in self._records}
 
     @property

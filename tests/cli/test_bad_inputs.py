@@ -179,6 +179,9 @@ CASES = [
     Case("prepare-verify-not-prepared", ["prepare", "--verify", "{W}/evals"], "evals"),
     Case("prepare-verify-bad-manifest", ["prepare", "--verify", "{W}/data"], "manifest.json",
          write("data/manifest.json", "{\"format_version\": 1, ")),
+    Case("prepare-verify-manifest-without-shards", ["prepare", "--verify", "{W}/data"], "manifest.json",
+         lambda w: (w / "data" / "manifest.json").write_text(json.dumps(
+             {**json.loads((w / "data" / "manifest.json").read_text()), "splits": {"train": {}}}))),
     Case("prepare-verify-corrupted-shard", ["prepare", "--verify", "{W}/data"], "shard_00001.bin",
          corrupt_same_size("data/train/shard_00001.bin")),
     # ------------------------------------------------------------------------------------ train
@@ -228,6 +231,10 @@ CASES = [
          write("sweep/sweep.json", "{\"format\": 1,")),
     Case("sweep-status-bad-runs-json", ["sweep", "status", "{W}/sweep"], "runs.json",
          write("sweep/runs.json", "{\"runs\": [")),
+    Case("sweep-status-runs-json-not-a-listing", ["sweep", "status", "{W}/sweep"], "runs.json",
+         write("sweep/runs.json", "{\"runs\": []}")),
+    Case("sweep-status-sweep-json-not-a-config", ["sweep", "list", "{W}/sweep"], "sweep.json",
+         write("sweep/sweep.json", "[1, 2, 3]")),
     Case("sweep-run-missing-data", ["sweep", "run", "{W}/s2", "--config", "{W}/s.toml"], "nodata",
          sweep_config(SWEEP_OK.replace("{W}/data", "{W}/nodata"))),
     Case("grid-unknown-preset", ["grid", "--preset", "gigantic"], "gigantic"),
