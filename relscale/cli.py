@@ -20,10 +20,11 @@ import importlib
 import json
 import os
 import sys
+import sysconfig
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 # name -> (module, add-arguments function, run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -86,14 +87,24 @@ def _input_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _is_project_code(frame: FrameType) -> bool:
+    """relscale's own frames (also plugged-in code), not the standard library's or a package's."""
+    if str(frame.f_globals.get("__name__", "")).startswith("relscale"):
+        return True
+    filename = frame.f_code.co_filename
+    stdlib = sysconfig.get_paths()["stdlib"]
+    return not (filename.startswith("<") or filename.startswith(stdlib) or "site-packages" in filename
+                or "dist-packages" in filename)
+
+
 def _named_file(tb: TracebackType | None) -> str | None:
-    """The file being read where the error arose: the innermost relscale frame's path-like local."""
+    """The file being read where the error arose: the innermost project frame's path-like local."""
     frames = []
     while tb is not None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     for frame in reversed(frames):
-        if "relscale" not in frame.f_code.co_filename:
+        if not _is_project_code(frame):
             continue
         local = frame.f_locals
         for name in _PATH_LOCALS:

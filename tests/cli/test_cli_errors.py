@@ -1,0 +1,52 @@
+"""The CLI's error contract: bad input is one line and exit 2; ``--debug`` (anywhere on the line)
+shows the traceback; a bug (an exception not caused by reading an input) is not disguised."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_debug_shows_the_traceback(tmp_path, cli):
+    code, _, err = cli("train", tmp_path / "nope.toml")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    for argv in (("--debug", "train", tmp_path / "nope.toml"), ("train", tmp_path / "nope.toml", "--debug")):
+        code, _, err = cli(*argv)
+        assert code == 2 and "Traceback (most recent call last)" in err and "nope.toml" in err
+
+
+def test_last_resort_names_the_file_of_an_uncaught_decoding_error(tmp_path, cli, monkeypatch):
+    """A JSON error the room did not catch still ends in one line naming the file it read."""
+    import relscale.sweep.cli as sweep_cli
+
+    bad = tmp_path / "config.json"
+    bad.write_text("{oops")
+
+    def run_grid(args):
+        path = bad
+        return json.loads(path.read_text())
+
+    monkeypatch.setattr(sweep_cli, "run_grid", run_grid)
+    code, _, err = cli("grid", "--preset", "tiny")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(bad) in err and "JSONDecodeError" in err
+
+
+def test_a_bug_keeps_its_traceback(cli, monkeypatch):
+    """A KeyError that no input caused is a bug: it propagates (the traceback shows), not exit 2."""
+    import relscale.sweep.cli as sweep_cli
+
+    def run_grid(args):
+        return {}["missing"]
+
+    monkeypatch.setattr(sweep_cli, "run_grid", run_grid)
+    with pytest.raises(KeyError):
+        cli("grid", "--preset", "tiny")
+
+
+def test_flag_errors_are_one_line(cli):
+    code, _, err = cli("sweep", "run")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "sweep_dir" in err
+    code, out, _ = cli("fit", "--help")
+    assert code == 0 and "--metric" in out
