@@ -114,7 +114,12 @@ def _read_mmlu_csv(file: Path, subject: str) -> list[tuple[str, Any, Any]]:
             out.append((str(file), number, BadRow(str(file), number, f"{len(record)} columns, expected 6")))
             continue
         question, *choices, answer = record
-        row = {"question": question, "subject": subject, "choices": choices, "answer": answer.strip()}
+        letter_ = answer.strip().upper()
+        if len(letter_) != 1 or letter_ not in "ABCD":  # a letter, never a choice's text
+            reason = f"answer {answer!r} is not A, B, C or D"
+            out.append((str(file), number, BadRow(str(file), number, reason)))
+            continue
+        row = {"question": question, "subject": subject, "choices": choices, "answer": "ABCD".index(letter_)}
         out.append((str(file), number, row))
     return out
 

@@ -419,19 +419,24 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _greedy_losses(core, tokens, targets, positions, cu_seqlens, max_seqlen):
-    """Per-token losses (B*S,) and whether each scored target is the argmax (B*S,) bool, with
-    logits only at the scored positions (the head runs on those rows alone)."""
+def _head_at_scored(core, tokens, targets, positions, cu_seqlens, max_seqlen):
+    """Log-probabilities (n_scored, V) in fp32 at the scored positions only (the output head runs
+    on those rows alone), and those positions' indices into the flattened batch."""
     hidden = core.hidden_states(tokens, positions, cu_seqlens, max_seqlen)
-    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    scored = torch.nonzero(flat_t >= 0).squeeze(1)
-    logp = torch.log_softmax(core.output(flat_h[scored]).float(), dim=-1)
-    chosen = flat_t[scored]
-    losses = torch.zeros(flat_t.shape, dtype=torch.float32, device=flat_t.device)
-    losses[scored] = -logp.gather(1, chosen[:, None])[:, 0]
-    greedy = torch.ones(flat_t.shape, dtype=torch.bool, device=flat_t.device)
-    greedy[scored] = logp.argmax(dim=-1) == chosen
-    return losses, greedy
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    scored = torch.nonzero(targets.reshape(-1) >= 0).squeeze(1)
+    return scored, torch.log_softmax(core.output(flat_h[scored]).float(), dim=-1)
+
+
+def shared_single_token_groups(requests: list[Request]) -> list[list[int]]:
+    """Groups (>= 2) of requests that score one token after the same input tokens: multiple-choice
+    answers of one token ("A".."D") after one prompt. They need one forward pass between them
+    (lm-eval's HF model does the same); the group's first request is the one run."""
+    groups: dict[bytes, list[int]] = {}
+    for i, request in enumerate(requests):
+        if request.n_scored == 1 and request.score_from >= 1:
+            groups.setdefault(request.tokens[:-1].tobytes(), []).append(i)
+    return [members for members in groups.values() if len(members) > 1]
 
 
 def score_requests(
@@ -440,19 +445,33 @@ def score_requests(
     """Summed NLL of every request's scored tokens, from packed, document-masked batches.
 
     ``greedy``: also whether every scored token is the model's argmax (lm-eval's ``is_greedy``),
-    in ``ScoreResult.greedy``; the head then runs on the scored positions only, in fp32."""
+    in ``ScoreResult.greedy``. Requests that score one token after identical input tokens are run
+    once (:func:`shared_single_token_groups`); then, and with ``greedy``, the head runs on the
+    scored positions only, in fp32, instead of the fused cross-entropy."""
     stride, pack_len, batch_rows = settings.resolved()
     device = model_device(model)
     # Past a torch.compile wrapper: eval shapes would trigger recompiles; FSDP's hooks live on
     # the module itself, so they still run.
     forward = getattr(model, "_orig_mod", model)
-    n = len(requests)
+    n_all = len(requests)
+    shared = shared_single_token_groups(requests)
+    followers = {i for members in shared for i in members[1:]}
+    run = [i for i in range(n_all) if i not in followers]  # the requests actually scored
+    slot = {i: k for k, i in enumerate(run)}
+    # slot of a group's lead -> (original ids, their target tokens)
+    members_of = {
+        slot[m[0]]: (np.asarray(m), np.asarray([int(requests[i].tokens[-1]) for i in m])) for m in shared
+    }
+    use_head = greedy or bool(shared)
+    n = len(run)
     # One extra slot collects the (zero) losses of unscored positions, so no boolean indexing
     # (and no host-device sync) is needed per batch.
     sums = torch.zeros(n + 1, dtype=torch.float64, device=device)
     misses = torch.zeros(n + 1, dtype=torch.int64, device=device)  # non-argmax scored tokens
+    member_nll = np.zeros(n_all)
+    member_greedy = np.ones(n_all, dtype=bool)
     tokens_forward = real = 0
-    batches = iter_batches(requests, settings.context, stride, pack_len, batch_rows)
+    batches = iter_batches([requests[i] for i in run], settings.context, stride, pack_len, batch_rows)
     if settings.progress:
         from tqdm import tqdm
 
@@ -466,12 +485,7 @@ def score_requests(
                 for a in (batch.tokens, batch.targets, batch.positions, owner)
             )
             cu_seqlens = torch.from_numpy(batch.cu_seqlens).to(device, non_blocking=True)
-            if greedy:
-                losses, is_max = _greedy_losses(
-                    forward, tokens, targets, positions, cu_seqlens, batch.max_seqlen
-                )
-                misses.index_add_(0, owner_t, (~is_max).long())
-            else:
+            if not use_head:
                 losses = forward(
                     tokens,
                     targets,
@@ -480,14 +494,46 @@ def score_requests(
                     max_seqlen=batch.max_seqlen,
                     reduction="none",
                 )
-            sums.index_add_(0, owner_t, losses.reshape(-1).double())
+                sums.index_add_(0, owner_t, losses.reshape(-1).double())
+            else:
+                scored, logp = _head_at_scored(
+                    forward, tokens, targets, positions, cu_seqlens, batch.max_seqlen
+                )
+                chosen = targets.reshape(-1)[scored]
+                owners = owner_t[scored]
+                sums.index_add_(0, owners, (-logp.gather(1, chosen[:, None])[:, 0]).double())
+                if greedy:
+                    misses.index_add_(0, owners, (logp.argmax(dim=-1) != chosen).long())
+                if members_of:  # every member's token from its group's one scored position
+                    scored_owner = owner[np.nonzero(batch.targets.reshape(-1) >= 0)[0]]
+                    rows, cols, dest = [], [], []
+                    for k, u in enumerate(scored_owner):
+                        if u in members_of:
+                            ids, toks = members_of[u]
+                            rows += [k] * len(ids)
+                            cols += toks.tolist()
+                            dest += ids.tolist()
+                    if rows:
+                        rows_t = torch.as_tensor(rows, device=device)
+                        cols_t = torch.as_tensor(cols, device=device)
+                        member_nll[dest] = (-logp[rows_t, cols_t]).double().cpu().numpy()
+                        member_greedy[dest] = (logp[rows_t].argmax(dim=-1) == cols_t).cpu().numpy()
             tokens_forward += batch.tokens.size
             real += batch.n_real_tokens
-    nll = sums[:n].cpu().numpy()
+    run_nll = sums[:n].cpu().numpy()
+    nll = np.empty(n_all)
+    nll[run] = run_nll
+    is_greedy = None
+    if greedy:
+        is_greedy = np.empty(n_all, dtype=bool)
+        is_greedy[run] = (misses[:n] == 0).cpu().numpy()
+    for members in shared:
+        nll[members] = member_nll[members]
+        if is_greedy is not None:
+            is_greedy[members] = member_greedy[members]
     seconds = time.perf_counter() - start
-    scored = sum(r.n_scored for r in requests)
-    is_greedy = (misses[:n] == 0).cpu().numpy() if greedy else None
-    return ScoreResult(nll, tokens_forward, real, scored, seconds, is_greedy)
+    scored_tokens = sum(r.n_scored for r in requests)
+    return ScoreResult(nll, tokens_forward, real, scored_tokens, seconds, is_greedy)
 
 
 # -------------------------------------------------------------------------------------- metrics

@@ -176,7 +176,8 @@ def _write_hendrycks(root, subjects, n_dev=5, n_test=3, bad_row=False):
                 writer = csv.writer(handle)
                 for i in range(n):
                     question = f"{subject} {split} question {i}?" + (" " if i == 1 else "")
-                    writer.writerow([question, "Paris", "London", "Rome, Italy", "Berlin", "ABCD"[i % 4]])
+                    # choice "A" sits at index 3: the answer column is a letter, never a choice's text
+                    writer.writerow([question, "Paris", "London", "Rome, Italy", "A", "ABCD"[i % 4]])
                 if bad_row and split == "test":
                     writer.writerow(["too", "few", "columns"])
 
@@ -196,11 +197,12 @@ def test_mmlu_original_csv_layout_five_shot_with_categories(tmp_path):
     assert parts[0] == "The following are multiple choice questions (with answers) about anatomy."
     assert (
         len(parts) == 7
-        and parts[2] == "anatomy dev question 1?\nA. Paris\nB. London\nC. Rome, Italy\nD. Berlin\nAnswer: B"
+        and parts[2] == "anatomy dev question 1?\nA. Paris\nB. London\nC. Rome, Italy\nD. A\nAnswer: B"
     )
+    assert [by_id[f"anatomy/{n}"].answer for n in (1, 2, 3)] == [0, 1, 2]
     assert by_id["anatomy/2"].answer == 1 and anatomy.continuations == [" A", " B", " C", " D"]
     assert by_id["anatomy/2"].context.endswith(
-        "anatomy test question 1?\nA. Paris\nB. London\nC. Rome, Italy\nD. Berlin\nAnswer:"
+        "anatomy test question 1?\nA. Paris\nB. London\nC. Rome, Italy\nD. A\nAnswer:"
     )
     bad_root = tmp_path / "bad"
     _write_hendrycks(bad_root, ["anatomy"], bad_row=True)

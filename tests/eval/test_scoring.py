@@ -193,3 +193,26 @@ def test_triton_kernels_path_scores_like_torch():
     settings = ScoreSettings(context=16, batch_tokens=64, dtype="fp32")
     expected = score_requests(reference, requests, settings).nll
     np.testing.assert_allclose(score_requests(triton_model, requests, settings).nll, expected, rtol=1e-5)
+
+
+def test_one_token_choices_after_one_prompt_share_a_forward_pass(model):
+    """Requests scoring one token after identical input tokens (MMLU's " A".." D") run as one
+    window; each still gets its own exact log-prob and is_greedy, also past the context."""
+    from relscale.eval.packing import Request
+
+    rng = np.random.default_rng(0)
+    vocab = model.cfg.vocab_size
+    ctx = rng.integers(1, vocab, 30)
+    requests = [Request(np.concatenate([ctx, [t]]), 30) for t in (5, 9, 13, 5)]
+    requests.append(Request(np.concatenate([ctx[:20], [7, 8]]), 20))  # two tokens: not shared
+    requests.append(Request(np.concatenate([ctx[:10], [3]]), 10))  # alone: not shared
+    result = score_requests(model, requests, ScoreSettings(context=24), greedy=True)
+    expected = [windowed_reference(model, r.tokens, r.score_from, 24, 24) for r in requests]
+    np.testing.assert_allclose(result.nll, expected, rtol=2e-6, atol=1e-6)
+    assert result.tokens_real == 24 + 21 + 10  # the four shared requests ran as one window
+    with torch.no_grad():
+        logits = model(torch.as_tensor(ctx[-24:], dtype=torch.long)[None])[0, -1]
+    top = int(logits.argmax())
+    assert list(result.greedy[:4]) == [t == top for t in (5, 9, 13, 5)]
+    plain = score_requests(model, requests, ScoreSettings(context=24))
+    np.testing.assert_allclose(plain.nll, expected, rtol=2e-6, atol=1e-6)
