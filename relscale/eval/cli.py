@@ -70,7 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens per window (default: the training seq_len, else min(max length, 4096))",
     )
     scoring.add_argument(
-        "--stride", type=int, help="new tokens scored per sliding window (default: context/2)"
+        "--stride",
+        type=int,
+        help="new tokens scored per window after the first (default: the context, lm-eval's disjoint "
+        "windows; the last window always has a full context)",
     )
     scoring.add_argument("--pack-len", type=int, help="packed row length (default: the context)")
     scoring.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward pass")
