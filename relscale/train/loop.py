@@ -2,9 +2,15 @@
 
 Per optimizer step: ``grad_accum`` micro-batches per rank (global batch = micro_batch x
 grad_accum x world size sequences), loss averaged over the global batch, gradient clipping on
-the global norm, AdamW, then (in this order) the ``on_step`` hook, metrics, validation and
-checkpoints. A non-finite loss or gradient norm stops the run *before* the optimizer step, so
-the weights and the last checkpoint stay good.
+the global norm, the optimizer (``optim.name``: AdamW or C-AdamC, relscale.train.optim), then
+(in this order) the ``on_step`` hook, metrics, validation and checkpoints. A non-finite loss or
+gradient norm stops the run *before* the optimizer step, so the weights and the last checkpoint
+stay good; a non-finite validation loss ends it as diverged too, before any checkpoint of those
+weights. Validation measures a fixed set of held-out windows (``eval_tokens``), the same for
+every batch layout and world size.
+
+A run holds ``out_dir/.lock`` (:func:`out_dir_lock`): a second trainer on the same out_dir
+refuses to start (OutDirInUse) instead of overwriting the first's files.
 
 Outputs in ``out_dir`` (rank 0 writes them; every rank writes its checkpoint shards):
 ``metrics.jsonl`` (one JSON record per line, appended as training goes), ``checkpoints/step_XXXXXXX/``

@@ -427,6 +427,14 @@ def test_marin_preset_config_trains_on_the_cpu(sotu, tmp_path):
     assert stored["model"]["rope_theta"] == 500000.0 and stored["model"]["norm_eps"] == 1e-5
 
 
+def test_activation_checkpointing_trains_the_same_model(sotu, tmp_path):
+    plain = train(small_config(sotu, tmp_path / "plain", "steps=3"))
+    recomputed = train(small_config(sotu, tmp_path / "ckpt", "steps=3", "activation_checkpointing=true"))
+    for step, loss in _losses(tmp_path / "plain").items():
+        assert _losses(tmp_path / "ckpt")[step] == pytest.approx(loss, rel=1e-6)
+    assert recomputed.final_val_loss == pytest.approx(plain.final_val_loss, rel=1e-6)
+
+
 def test_threads_flag(sotu, tmp_path):
     from relscale.train.__main__ import main
     from relscale.train.cli import set_threads
