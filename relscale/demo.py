@@ -39,10 +39,11 @@ DEMO_VOCAB = 512
 N_BUDGETS = 4
 BUDGET_RATIO = 2.0
 WIDTHS_PER_BUDGET = 5
-# Chinchilla's rule N* = sqrt(C_train / (6 r)) predicts each budget's optimum; r = 14 tokens per
-# parameter is what a pilot sweep of this shape measured at 2e10 FLOPs (minimum near 27k params;
-# r = 20, Chinchilla's, puts it at 22k). Widths are chosen around it per budget.
-TOKENS_PER_PARAM = 14.0
+# Chinchilla's rule N* = sqrt(C_train / (6 r)) predicts each budget's optimum; the pilot sweeps of
+# this shape (fixed batch 8, budgets 8e8..6e9 FLOPs, runs of 20-400 steps) had their minima at
+# about r = 2.5 tokens per parameter (12k parameters at 8e8, 31k at 6e9), far below Chinchilla's 20
+# at these few steps. Widths are chosen around it per budget.
+TOKENS_PER_PARAM = 2.5
 MAX_EPOCHS = 4.0  # a run that repeats its data more often than this is reported: it bends the curves
 # One batch of 8 sequences for every CPU run: Marin's batch rule (a power of two, halved under an LR
 # cap) gave neighbouring widths batches of 4, 8 and 16, and that, not the width, set the bumps of

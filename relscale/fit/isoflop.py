@@ -49,7 +49,7 @@ class BudgetFit:
     d_opt_ci: tuple[float, float]
     loss_opt_ci: tuple[float, float]
     n_boot_failed: int  # draws with < 3 distinct points or a concave parabola
-    boot_outside: float = 0.0  # share of draws whose minimum is missing or outside the sampled range
+    boot_outside: float = 0.0  # share of fitted draws whose minimum is missing or outside the sampled range
 
     @property
     def unreliable(self) -> bool:
@@ -222,6 +222,10 @@ def snap_budgets(
     return budgets
 
 
+def _fmt(budgets: list[float]) -> str:
+    return ", ".join(f"{b:.3g}" for b in budgets)
+
+
 def _budget_flag(b: BudgetFit) -> str:
     """Why one budget's minimum is not a measurement ('' when it is)."""
     if b.concave:
@@ -363,20 +367,20 @@ def fit_isoflop(
     if skipped:
         warn(
             DroppedDataWarning,
-            f"IsoFLOP budgets {skipped} have fewer than 3 distinct {fit_var} values; skipped",
+            f"IsoFLOP budgets {_fmt(skipped)} have fewer than 3 distinct {fit_var} values; skipped",
         )
     concave = [f.budget for f in fits if f.concave]
     if concave:
         warn(
             ConcaveFitWarning,
-            f"IsoFLOP parabolas open downward (no minimum) at budgets {concave}; left out of the frontier",
+            f"IsoFLOP parabolas open downward (no minimum) at budgets {_fmt(concave)}; left out of the frontier",
         )
     edge = [f.budget for f in fits if f.at_edge]
     if edge:
         warn(
             EdgeOfRangeWarning,
             f"IsoFLOP minima at or beyond the edge of the sampled {fit_var} range at "
-            f"budgets {edge}: sample wider around them"
+            f"budgets {_fmt(edge)}: sample wider around them"
             + ("; left out of the frontier" if exclude_edge else ""),
         )
 
@@ -455,8 +459,11 @@ def _fit_budget(budget, x, other, loss, fit_var, robust, f_scale, n_boot, rng, l
                         boot[i] = _robust_fit(u[idx], loss[idx], robust, scale, coeffs).x
         bu, bl = _vertex(boot)
         n_failed = int(np.isnan(bu).sum())
-        outside = np.isnan(bu) | (bu < u.min()) | (bu > u.max())
-        boot_outside = float(outside.mean())
+        # Draws with fewer than 3 distinct points have no parabola at all (resampling noise, not
+        # extrapolation): they are left out; a concave draw has no minimum and counts as outside.
+        fitted = np.isfinite(boot).all(axis=1)
+        outside = fitted & (np.isnan(bu) | (bu < u.min()) | (bu > u.max()))
+        boot_outside = float(outside.sum() / max(fitted.sum(), 1))
         log_x_draws = center + bu
         other_draws = intercept + slope * bu
         log_n_draws, log_d_draws = (
