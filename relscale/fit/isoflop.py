@@ -373,7 +373,8 @@ def fit_isoflop(
     if concave:
         warn(
             ConcaveFitWarning,
-            f"IsoFLOP parabolas open downward (no minimum) at budgets {_fmt(concave)}; left out of the frontier",
+            f"IsoFLOP parabolas open downward (no minimum) at budgets {_fmt(concave)}; "
+            "left out of the frontier",
         )
     edge = [f.budget for f in fits if f.at_edge]
     if edge:
