@@ -252,3 +252,66 @@ def test_from_lm_eval_dumps_fit_by_subject(tmp_path, bpe, task_files):
         main(["eval", "--from-lm-eval", str(tmp_path / "lm_eval_out"), "--out", str(evals), "--quiet"]) == 0
     )
     assert before == {p: p.read_bytes() for p in evals.rglob("*.parquet")}
+
+
+def _save_tiny(path, bpe, seed=0):
+    from relscale.model_io import save_model
+
+    from .conftest import tiny_model
+    from .lmeval_fixtures import MAX_LEN
+
+    save_model(tiny_model(bpe.get_vocab_size(), seed=seed, max_seq_len=MAX_LEN), path, {"tokens": 1000})
+    return path
+
+
+def test_a_sweep_model_is_picked_with_run(tmp_path, bpe):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from relscale.errors import ConfigError
+    from relscale.eval.lmeval import RelscaleLM
+
+    tok_path = tmp_path / "tokenizer.json"
+    bpe.save(str(tok_path))
+    sweep = tmp_path / "sweep"
+    for seed, run_id in enumerate(("a", "b")):
+        _save_tiny(sweep / "runs" / run_id / "final", bpe, seed)
+    rows = [{"run_id": r, "status": "done", "run_dir": f"runs/{r}", "budget": 1e15} for r in ("a", "b")]
+    pq.write_table(pa.Table.from_pylist(rows), sweep / "results.parquet")
+    with pytest.raises(ConfigError, match=r"2 models match \(a, b\); pick one with run=ID"):
+        RelscaleLM(pretrained=str(sweep), tokenizer=str(tok_path))
+    lm = RelscaleLM(pretrained=str(sweep), tokenizer=str(tok_path), run="b")
+    assert lm.get_model_info()["relscale_model_id"] == "b"
+
+
+@pytest.mark.slow
+def test_relscale_lm_eval_command_line_and_its_output_converts(tmp_path, bpe, task_files):
+    """The documented command: python -m relscale.eval.lmeval (= relscale-lm-eval) with lm-eval's
+    own flags; its --output_path/--log_samples files convert with relscale eval --from-lm-eval."""
+    import subprocess
+    import sys
+
+    from relscale.cli import main
+
+    tok_path = tmp_path / "tokenizer.json"
+    bpe.save(str(tok_path))
+    final = _save_tiny(tmp_path / "tiny" / "final", bpe)
+    out = tmp_path / "lm_eval_out"
+    command = [
+        sys.executable, "-m", "relscale.eval.lmeval", "--model", "relscale",
+        "--model_args", f"pretrained={final},tokenizer={tok_path}", "--tasks", "t_spaced",
+        "--include_path", str(task_files["tasks"]), "--output_path", str(out), "--log_samples",
+        "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "t_spaced" in done.stdout
+    evals = tmp_path / "evals"
+    assert (
+        main(["eval", "--from-lm-eval", str(out), "--out", str(evals), "--quiet", "--meta", "tokens=1000"])
+        == 0
+    )
+    frame = pd.read_parquet(evals / "lmeval-t_spaced" / "tiny.parquet")
+    assert len(frame[frame.grouping == "subject"]) == 3 and (frame.tokens == 1000).all()
+    assert frame.prompt.str.endswith("Answer: ").all()
