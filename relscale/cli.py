@@ -155,7 +155,11 @@ def input_error_message(err: BaseException) -> str | None:
     if cause is None:
         return None
     where = _named_file(err.__traceback__) or _named_file(cause.__traceback__)
-    detail = f"{type(cause).__name__}: {_first_line(str(cause))}"
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    # load_state_dict's first line only says "Error(s) in loading state_dict": show the mismatch
+    mismatch = next((line for line in lines if line.startswith(("size mismatch", "Missing key",
+                                                                 "Unexpected key"))), None)
+    detail = f"{type(cause).__name__}: {mismatch or _first_line(str(cause))}"[:400]
     return f"{where}: unreadable input ({detail})" if where else f"unreadable input ({detail})"
 
 

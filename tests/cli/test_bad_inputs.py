@@ -107,6 +107,12 @@ def in_checkpoint(name: str, content: bytes, rechecksum: bool = False) -> Callab
     return setup
 
 
+def widen_model_config(w: Path) -> None:
+    """final/config.json says hidden 32, the weights are 16 wide."""
+    config = w / "run" / "final" / "config.json"
+    config.write_text(config.read_text().replace('"hidden": 16', '"hidden": 32'))
+
+
 SWEEP_OK = """budgets = [2e8]
 seq_len = 32
 head_dim = 8
@@ -253,6 +259,8 @@ CASES = [
                                             "100000", "--out", "{W}/evals2"], "--context"),
     Case("eval-model-bad-config", ["eval", "{W}/run/final", "--eval", "default", "--out", "{W}/evals2"],
          "config.json", write("run/final/config.json", "{\"model\": ")),
+    Case("eval-weights-do-not-fit-config", ["eval", "{W}/run/final", "--eval", "default", "--out",
+                                            "{W}/evals2"], "final", lambda w: widen_model_config(w)),
     Case("eval-missing-data", ["eval", "{W}/run/final", "--eval", "default", "--data", "{W}/nodata", "--out",
                                "{W}/evals2"], "nodata"),
     # -------------------------------------------------------------------------------------- fit
