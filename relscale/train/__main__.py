@@ -1,24 +1,16 @@
-"""``python -m relscale.train CONFIG [key=value ...] [--resume]``: the entry torchrun launches
-(``torchrun --nproc_per_node N -m relscale.train ...``). User errors exit with status 2."""
+"""``python -m relscale.train CONFIG [key=value ...] [--resume] [--threads N]``: the entry torchrun
+launches (``torchrun --nproc_per_node N -m relscale.train ...``). It is ``relscale train``: the same
+arguments and the same error handling (bad input: one line, exit status 2; ``--debug`` for the
+traceback), see relscale.cli."""
 
-import argparse
 import sys
-
-from relscale.errors import RelscaleError
-from relscale.train.cli import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m relscale.train", description="train one model from a config"
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except RelscaleError as err:
-        print(f"relscale train: error: {err}", file=sys.stderr)
-        return 2
+    """Run ``relscale train ARGV``; returns the exit status."""
+    from relscale.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
