@@ -596,6 +596,8 @@ def evaluate(
     entries = discover_models(paths, checkpoints=checkpoints)
     if steps is not None:
         entries = [e for e in entries if e.step is None or e.step in set(steps)]
+    for entry in entries:  # eval-hf: every config and name checked before any model is scored
+        read_info(entry, opts)
     started = time.perf_counter()
     outcomes = Evaluator(specs, opts).run(entries)
     if not opts.quiet:

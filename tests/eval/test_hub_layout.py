@@ -279,3 +279,16 @@ def test_moved_run_folder_still_evaluates(tmp_path, data_dir, text_set):
     ).read_bytes()
     hf_dump = evaluate([exported], spec, RunOptions(out_dir=tmp_path / "hf", quiet=True))[0].path
     np.testing.assert_allclose(pd.read_parquet(hf_dump).nll.to_numpy(), a.nll.to_numpy(), rtol=1e-6)
+
+
+def test_a_bad_name_in_a_folder_stops_before_anything_is_scored(tmp_path, text_set, tokenizer):
+    folder = tmp_path / "released"
+    for name in ("isoflop-1e+18-d32-L2-B8-x", "isoflop-1e+18-d64-L2-B8-x"):  # the second is d=32 too
+        hf.export_hf(tiny_model(tokenizer.get_vocab_size(), seed=1), folder / name)
+        tokenizer.save(str(folder / name / "tokenizer.json"))
+    (entry, bad) = discover_models([folder])
+    assert (entry.model_id, bad.model_id) == ("isoflop-1e+18-d32-L2-B8-x", "isoflop-1e+18-d64-L2-B8-x")
+    out = tmp_path / "evals"
+    with pytest.raises(DataError, match="isoflop-1e\\+18-d64-L2-B8-x: the name .* says d=64"):
+        evaluate([folder], [f"s=text:{text_set}"], RunOptions(out_dir=out, quiet=True))
+    assert not out.exists() or not any(out.rglob("*.parquet"))
