@@ -6,7 +6,13 @@ What can be evaluated (:func:`discover_models`):
 * a run directory (the trainer's ``out_dir``): its ``final/`` weights, and with ``checkpoints``
   also its DCP checkpoints ``checkpoints/step_*/`` (model id ``<run>@step_<step>``);
 * a sweep directory: every finished run (``status == "done"`` in ``results.parquet``, plus runs
-  marked done that the index does not list yet); model id = the run id, budget from the index.
+  marked done that the index does not list yet); model id = the run id, budget from the index;
+* a Hugging Face cache repository ``models--ORG--NAME`` (model id NAME), and a folder holding
+  any of these (e.g. downloaded released checkpoints), each under its folder name.
+
+A folder named ``isoflop-<budget>-d<d>-L<L>-B<B>-<sweep>`` (the released IsoFLOP suite's names)
+gives the budget, and for final weights without recorded tokens the training tokens and FLOPs
+(:func:`relscale.eval.hf.meta_from_name`); ``--meta`` overrides.
 
 Dumps that already exist are skipped before any weights are loaded (``force`` rewrites them).
 Tokenised eval sets are cached per tokenizer, so a sweep whose runs share a tokenizer tokenises
