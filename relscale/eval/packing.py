@@ -109,6 +109,7 @@ class PackedBatch:
     cu_seqlens: np.ndarray  # int32 (n_segments + 1,), offsets over the flattened B*S tokens
     owner: np.ndarray  # int64 (B*S,), the request each scored token belongs to, -1 elsewhere
     n_real_tokens: int  # tokens that are not padding
+    one_per_row: bool = False  # each row one window then padding: plain causal attention suffices
 
     @property
     def max_seqlen(self) -> int:
@@ -148,6 +149,30 @@ def build_batch(
             positions[r, offset:] = np.arange(pack_len - offset)
             boundaries.append((r + 1) * pack_len)
     return PackedBatch(tokens, targets, positions, np.asarray(boundaries, dtype=np.int32), owner, real)
+
+
+def iter_row_batches(
+    requests: Sequence[Request],
+    context: int,
+    stride: int,
+    batch_tokens: int,
+    pad_id: int = 0,
+) -> Iterator[PackedBatch]:
+    """Every window of every request, one window per row (longest first), rows as long as the
+    batch's longest window and as many as fit ``batch_tokens``. Padding only follows a window, so
+    plain causal attention gives each window exactly its own scores: the fast path where
+    document-masked attention is not (the CPU)."""
+    windows = make_windows(requests, context, stride)
+    order = sorted(range(len(windows)), key=lambda i: (-windows[i].length, i))
+    start = 0
+    while start < len(order):
+        width = windows[order[start]].length
+        rows = max(1, batch_tokens // width)
+        chunk = order[start : start + rows]
+        batch = build_batch(requests, windows, [[w] for w in chunk], width, pad_id)
+        batch.one_per_row = True
+        yield batch
+        start += rows
 
 
 def iter_batches(

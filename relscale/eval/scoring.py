@@ -44,7 +44,7 @@ import torch
 
 from relscale.errors import ConfigError
 from relscale.eval.formats import BadRow, EvalSet
-from relscale.eval.packing import Request, iter_batches
+from relscale.eval.packing import Request, iter_batches, iter_row_batches
 
 LN2 = math.log(2.0)
 START_POLICIES = ("auto", "bos", "eos", "none")
@@ -372,6 +372,11 @@ class ScoreSettings:
     batch_tokens: int = 16384  # tokens per forward pass (rows = batch_tokens // pack_len)
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     progress: bool = False
+    # packed: windows share rows (document-masked attention; fast with the GPU's varlen kernel);
+    # rows: one window per row, rows of the batch's longest window (plain causal attention: the
+    # fast path on the CPU, where a document mask means dense masked attention); auto: rows on
+    # the CPU, packed elsewhere. Scores are the same either way.
+    layout: str = "auto"
 
     def resolved(self) -> tuple[int, int, int]:
         stride = self.stride if self.stride is not None else self.context
@@ -471,7 +476,15 @@ def score_requests(
     member_nll = np.zeros(n_all)
     member_greedy = np.ones(n_all, dtype=bool)
     tokens_forward = real = 0
-    batches = iter_batches([requests[i] for i in run], settings.context, stride, pack_len, batch_rows)
+    layout = settings.layout if settings.layout != "auto" else ("rows" if device.type == "cpu" else "packed")
+    if layout not in ("rows", "packed"):
+        raise ValueError(f"layout {settings.layout!r}: choose auto, rows or packed")
+    if layout == "rows":
+        batches = iter_row_batches(
+            [requests[i] for i in run], settings.context, stride, settings.batch_tokens
+        )
+    else:
+        batches = iter_batches([requests[i] for i in run], settings.context, stride, pack_len, batch_rows)
     if settings.progress:
         from tqdm import tqdm
 
@@ -485,6 +498,8 @@ def score_requests(
                 for a in (batch.tokens, batch.targets, batch.positions, owner)
             )
             cu_seqlens = torch.from_numpy(batch.cu_seqlens).to(device, non_blocking=True)
+            if batch.one_per_row:  # padding only after each window: causal attention is exact
+                cu_seqlens = None
             if not use_head:
                 losses = forward(
                     tokens,

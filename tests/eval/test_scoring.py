@@ -42,12 +42,13 @@ def test_whole_documents_equal_direct_float64(model, text_set, tokenizer):
     assert result.tokens_scored == sum(len(r.tokens) - 1 for r in encoded.requests)
 
 
-@pytest.mark.parametrize("stride", [SEQ_LEN, 10])
-def test_sliding_windows_equal_unbatched_chunks(model, text_set, tokenizer, stride):
+@pytest.mark.parametrize("stride,layout", [(SEQ_LEN, "packed"), (10, "packed"), (10, "rows")])
+def test_sliding_windows_equal_unbatched_chunks(model, text_set, tokenizer, stride, layout):
     encoded = encode_set(text_set, tokenizer, start=0, prefix_tokens=3)
     requests = encoded.requests[:12]
     assert max(len(r.tokens) for r in requests) > 3 * SEQ_LEN  # windows do slide
-    result = score_requests(model, requests, ScoreSettings(context=SEQ_LEN, stride=stride, batch_tokens=96))
+    settings = ScoreSettings(context=SEQ_LEN, stride=stride, batch_tokens=96, layout=layout)
+    result = score_requests(model, requests, settings)
     expected = [windowed_reference(model, r.tokens, r.score_from, SEQ_LEN, stride) for r in requests]
     np.testing.assert_allclose(result.nll, expected, rtol=2e-6, atol=1e-5)
     # The reference's chunks are the packing module's windows, derived independently.
@@ -55,12 +56,26 @@ def test_sliding_windows_equal_unbatched_chunks(model, text_set, tokenizer, stri
         assert len(plan_windows(len(r.tokens), r.score_from, SEQ_LEN, stride)) >= 2
 
 
-def test_independent_of_batch_size_and_packing(model, text_set, tokenizer):
+def test_independent_of_batch_size_packing_and_layout(model, text_set, tokenizer):
     requests = encode_set(text_set, tokenizer, start=0).requests
     runs = [
-        score_requests(model, requests, ScoreSettings(context=SEQ_LEN, batch_tokens=bt, pack_len=pl)).nll
-        for bt, pl in [(SEQ_LEN, SEQ_LEN), (512, 64), (10_000, 101)]
+        score_requests(
+            model, requests, ScoreSettings(context=SEQ_LEN, batch_tokens=bt, pack_len=pl, layout=layout)
+        ).nll
+        for bt, pl, layout in [
+            (SEQ_LEN, SEQ_LEN, "packed"),
+            (512, 64, "packed"),
+            (10_000, 101, "packed"),
+            (SEQ_LEN, None, "rows"),  # one window per row, plain causal attention
+            (1000, None, "rows"),
+        ]
     ]
+    np.testing.assert_allclose(
+        runs[0],
+        [windowed_reference(model, r.tokens, 1, SEQ_LEN, SEQ_LEN) for r in requests],
+        rtol=2e-6,
+        atol=1e-5,
+    )
     for other in runs[1:]:
         np.testing.assert_allclose(other, runs[0], rtol=1e-5, atol=1e-5)
 
@@ -190,7 +205,7 @@ def test_triton_kernels_path_scores_like_torch():
     from relscale.eval.packing import Request
 
     requests = [Request(rng.integers(0, 97, size=n), s) for n, s in [(10, 1), (30, 4), (5, 2), (17, 1)]]
-    settings = ScoreSettings(context=16, batch_tokens=64, dtype="fp32")
+    settings = ScoreSettings(context=16, batch_tokens=64, dtype="fp32", layout="packed")  # varlen kernel
     expected = score_requests(reference, requests, settings).nll
     np.testing.assert_allclose(score_requests(triton_model, requests, settings).nll, expected, rtol=1e-5)
 
