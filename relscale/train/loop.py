@@ -35,7 +35,7 @@ import torch.nn as nn
 from relscale.atomic import atomic_write_text
 from relscale.config import TrainConfig, to_dict
 from relscale.counting import param_counts, run_flops
-from relscale.errors import ConfigError, RelscaleError
+from relscale.errors import ConfigError, DataError, RelscaleError
 from relscale.train import checkpoint as ckpt
 from relscale.train.metrics import MetricsLog, finite_or_none, peak_flops, peak_memory_mb, progress_bar
 from relscale.train.optim import build_optimizer, lr_at, set_lr
@@ -235,7 +235,14 @@ class _Run:
         path = self.out_dir / RESULT
         if not path.is_file():
             return None
-        stored = json.loads(path.read_text())
+        try:
+            stored = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(
+                f"{path}: unreadable run result ({err}); move it away to train this run again"
+            ) from None
+        if not isinstance(stored, dict) or "status" not in stored:
+            raise DataError(f"{path}: not a run result (no status); move it away to train this run again")
         if not self.resume:
             raise ConfigError(
                 f"out_dir: {self.out_dir} holds a finished run ({RESULT}); choose another out_dir"

@@ -448,3 +448,10 @@ def test_threads_flag(sotu, tmp_path):
     finally:
         torch.set_num_threads(before)
     assert main([str(REPO / "configs/tiny.toml"), "--threads", "0"]) == 2
+
+
+def test_a_garbage_result_file_is_named(sotu, tmp_path):
+    (tmp_path / "result.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"result.json: unreadable run result"):
+        train(small_config(sotu, tmp_path, "steps=2"))
+    assert (tmp_path / "result.json").read_text() == "{not json"
