@@ -65,6 +65,8 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def is_hf_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a Hugging Face model config (``config.json`` with a ``model_type`` or
+    ``architectures``); a relscale model folder's config has neither."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
@@ -76,6 +78,8 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a Hugging Face model folder; DataError naming the file when
+    it is missing or not JSON."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise DataError(f"{path}: no config.json (expected a Hugging Face model directory)")
@@ -361,7 +365,11 @@ def _load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
-    """A Transformer with the weights of a local Llama/Qwen3 checkpoint (fp32), and its meta."""
+    """A Transformer with the weights of a local Llama/Qwen3 checkpoint (fp32), and its meta
+    (``relscale_meta.json`` when the folder has one, else ``{}``).
+
+    Raises DataError naming the file or key for an unsupported config, a missing or extra
+    weight, or a shard outside the folder (:func:`weight_file`)."""
     model_dir = Path(model_dir)
     cfg = hf_to_model_config(read_hf_config(model_dir), str(model_dir / "config.json"))
     hf_state = _load_safetensors(model_dir)
@@ -390,6 +398,7 @@ def load_hf_model(model_dir: str | Path, device: str | torch.device = "cpu") -> 
 
 
 def load_hf_tokenizer(model_dir: str | Path):
+    """The ``tokenizers.Tokenizer`` of the folder's ``tokenizer.json``; DataError if there is none."""
     from tokenizers import Tokenizer
 
     path = Path(model_dir) / "tokenizer.json"
@@ -429,6 +438,8 @@ def beginning_token(model_dir: str | Path, tokenizer) -> int:
 
 # ---------------------------------------------------------------------------------------- export
 def hf_config_of(cfg: ModelConfig, eos_id: int | None = None) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` of ``cfg``: Qwen3 with QK-norm, else Llama; RoPE in both
+    transformers spellings (:func:`rope_config_of`); ``eos_id`` as BOS and EOS token id."""
     family = "qwen3" if cfg.qk_norm else "llama"
     config: dict[str, Any] = {
         "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],

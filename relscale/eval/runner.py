@@ -249,6 +249,9 @@ def _resolve_data_dir(explicit: Path | None, meta: dict[str, Any]) -> Path | Non
 
 
 def read_info(entry: ModelEntry, opts: RunOptions) -> ModelInfo:
+    """Config and meta of a model before its weights are loaded: the saved meta, then
+    ``opts.meta`` (``--meta``), then what an IsoFLOP folder name adds (eval-hf). Raises
+    DataError naming the file for an unreadable config or a name that contradicts it."""
     if entry.kind == "relscale":
         cfg, meta = read_model_config(entry.path)
     elif entry.kind == "hf":
