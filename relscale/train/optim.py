@@ -80,6 +80,9 @@ class CautiousAdamC(torch.optim.Optimizer):
             if not group["lr_max"] > 0:
                 raise ValueError(f"lr_max={group['lr_max']} must be positive")
         self.foreach = foreach
+        # Temporaries (u, phi) live for at most this many elements at a time (besides one tensor
+        # larger than it): 2^26 fp32 elements = 256 MiB each, whatever the size of a layer stack.
+        self.chunk_elements = 2**26
 
     # The moments and the update, element-wise; the same operations in both paths.
     def _prepare(self, group: dict[str, Any]) -> tuple[list, list, list, list, float, float]:
@@ -155,8 +158,10 @@ class CautiousAdamC(torch.optim.Optimizer):
                     m.lerp_(g, 1 - beta1)
                     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             count = torch.zeros((), dtype=torch.float64, device=_local(first).device)
-            for _, phi in directions(grads, exp_avgs, exp_avg_sqs, bc1, bc2_sqrt, group["eps"]):
-                count += phi.sum(dtype=torch.float64)
+            for part in _chunks(grads, self.chunk_elements):
+                moments = _take(part, grads, exp_avgs, exp_avg_sqs)
+                for _, phi in directions(*moments, bc1, bc2_sqrt, group["eps"]):
+                    count += phi.sum(dtype=torch.float64)
             prepared.append((params, grads, exp_avgs, exp_avg_sqs, bc1, bc2_sqrt))
             counts.append(count)
             sizes.append(sum(p.numel() for p in params))  # a DTensor's numel is the whole tensor's
@@ -177,20 +182,41 @@ class CautiousAdamC(torch.optim.Optimizer):
             scale = 1.0 / (total / size + eps)
             decay = 1.0 - lr * group["weight_decay"] * (lr / group["lr_max"])
             locals_ = [_local(p) for p in params]
-            pairs = directions(grads, exp_avgs, exp_avg_sqs, bc1, bc2_sqrt, eps)
-            if foreach:
-                us = [u for u, _ in pairs]
-                torch._foreach_mul_(us, [phi for _, phi in pairs])
-                if decay != 1.0:
-                    torch._foreach_mul_(locals_, decay)
-                torch._foreach_add_(locals_, us, alpha=-lr * scale)
-            else:
-                for x, (u, phi) in zip(locals_, pairs, strict=True):
-                    u.mul_(phi)
+            for part in _chunks(grads, self.chunk_elements):
+                xs, *moments = _take(part, locals_, grads, exp_avgs, exp_avg_sqs)
+                pairs = directions(*moments, bc1, bc2_sqrt, eps)
+                if foreach:
+                    us = [u for u, _ in pairs]
+                    torch._foreach_mul_(us, [phi for _, phi in pairs])
                     if decay != 1.0:
-                        x.mul_(decay)
-                    x.add_(u, alpha=-lr * scale)
+                        torch._foreach_mul_(xs, decay)
+                    torch._foreach_add_(xs, us, alpha=-lr * scale)
+                else:
+                    for x, (u, phi) in zip(xs, pairs, strict=True):
+                        u.mul_(phi)
+                        if decay != 1.0:
+                            x.mul_(decay)
+                        x.add_(u, alpha=-lr * scale)
+                del pairs
         return loss
+
+
+def _chunks(tensors: list[torch.Tensor], limit: int) -> list[list[int]]:
+    """Indices of ``tensors`` in consecutive runs of at most ``limit`` elements (a larger tensor
+    is a run of its own)."""
+    runs: list[list[int]] = []
+    size = limit
+    for index, tensor in enumerate(tensors):
+        if size + tensor.numel() > limit or not runs:
+            runs.append([])
+            size = 0
+        runs[-1].append(index)
+        size += tensor.numel()
+    return runs
+
+
+def _take(indices: list[int], *lists: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    return [[items[i] for i in indices] for items in lists]
 
 
 _BLOCK = re.compile(r"^blocks\.\d+\.")

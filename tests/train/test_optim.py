@@ -153,8 +153,9 @@ def _reference_step(params, grads, state, t, lr, lr_max, betas, eps, wd, clip, d
         params[name] = x - lr * (update + decay * x)
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
-def test_c_adamc_matches_the_published_rule_in_float64(foreach):
+@pytest.mark.parametrize("foreach, chunk", [(False, None), (True, None), (True, 300)],
+                         ids=["loop", "foreach", "foreach-chunked"])
+def test_c_adamc_matches_the_published_rule_in_float64(foreach, chunk):
     torch.manual_seed(0)
     torch_ops = KernelConfig(rms_norm="torch", rope="torch", swiglu="torch", attention="torch",
                              cross_entropy="torch")
@@ -165,6 +166,8 @@ def test_c_adamc_matches_the_published_rule_in_float64(foreach):
                             micro_batch=32).optim
     optimizer = build_optimizer(model, optim_cfg, "cpu")
     optimizer.foreach = foreach
+    if chunk is not None:  # temporaries a few tensors at a time: the same update
+        optimizer.chunk_elements = chunk
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     stack_of = {n: re.sub(r"^blocks\.\d+\.", "blocks.*.", n) for n in params}
     decayed = {n for n, p in params.items() if p.ndim >= 2 and n != "embed.weight"}
