@@ -61,6 +61,8 @@ class CautiousAdamC(torch.optim.Optimizer):
     local shards and the mask counts are summed over ranks (one all-reduce per step), so mean(phi)
     is over the whole tensor, not the shard. ``foreach``: the multi-tensor path (torch._foreach_*);
     None takes it on CUDA and the per-tensor reference loop elsewhere. Both give the same update.
+    (u, phi) are computed twice (to count, then to apply) rather than kept, a few tensors at a time
+    (``chunk_elements``), so the extra memory stays bounded whatever the size of a layer stack.
 
     Groups: ``lr``, ``lr_max`` (> 0), ``betas``, ``eps``, ``weight_decay``. State per parameter:
     ``step`` (float64 scalar), ``exp_avg``, ``exp_avg_sq`` (like the parameter).
@@ -84,8 +86,9 @@ class CautiousAdamC(torch.optim.Optimizer):
         # larger than it): 2^26 fp32 elements = 256 MiB each, whatever the size of a layer stack.
         self.chunk_elements = 2**26
 
-    # The moments and the update, element-wise; the same operations in both paths.
     def _prepare(self, group: dict[str, Any]) -> tuple[list, list, list, list, float, float]:
+        """The group's parameters with a gradient, their local gradients and moments (states made
+        on first use, step counts advanced), and the bias corrections 1 - beta1^t, sqrt(1 - beta2^t)."""
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
