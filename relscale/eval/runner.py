@@ -54,7 +54,7 @@ from relscale.eval.writer import (  # eval: is_finished_dump
     summarize,
     write_dump,
 )
-from relscale.model_io import CONFIG, FORMAT, load_model, read_model_config, read_model_tokenizer
+from relscale.model_io import CONFIG, FORMAT, WEIGHTS, load_model, read_model_config, read_model_tokenizer
 
 FINAL = "final"
 CHECKPOINTS = "checkpoints"
@@ -74,13 +74,19 @@ class ModelEntry:
 
 
 def _is_relscale_model(path: Path) -> bool:
+    """Whether ``path`` is a model folder written by :mod:`relscale.model_io`. A folder with
+    weights whose config.json cannot be read raises DataError naming the file (eval-hf), rather
+    than being passed over as "not a model"."""
     config = path / CONFIG
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("format") == FORMAT
-    except json.JSONDecodeError:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        if (path / WEIGHTS).is_file() or (path / hf.INDEX_FILE).is_file():
+            raise DataError(f"{config}: unreadable model config ({err})") from err
         return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
 def checkpoint_entries(run_dir: Path, run_id: str, extra: dict | None = None) -> list[ModelEntry]:

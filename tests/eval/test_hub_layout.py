@@ -292,3 +292,13 @@ def test_a_bad_name_in_a_folder_stops_before_anything_is_scored(tmp_path, text_s
     with pytest.raises(DataError, match="isoflop-1e\\+18-d64-L2-B8-x: the name .* says d=64"):
         evaluate([folder], [f"s=text:{text_set}"], RunOptions(out_dir=out, quiet=True))
     assert not out.exists() or not any(out.rglob("*.parquet"))
+
+
+def test_a_model_folder_with_an_unreadable_config_is_named(tmp_path):
+    model_dir = tmp_path / "run" / "final"
+    save_model(tiny_model(VOCAB, seed=1), model_dir)
+    (model_dir / "config.json").write_text('{"model": ')
+    with pytest.raises(DataError, match=r"final/config\.json: unreadable model config \(Expecting value"):
+        discover_models([model_dir])
+    with pytest.raises(DataError, match=r"final/config\.json: unreadable model config"):
+        discover_models([tmp_path / "run"])
