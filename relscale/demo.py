@@ -316,6 +316,7 @@ def run_demo(
             reports[grouping] = run_fit(
                 eval_dir, what=("isoflop", "groups", "relative"), metric="bpb", grouping=grouping,
                 baseline="pooled", n_boot=n_boot, out_dir=fit_dir / grouping, overwrite=True, echo=echo,
+                frontier="measured",
             )
     wall = time.perf_counter() - started
     first = next(iter(reports.values()))

@@ -98,6 +98,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="none",
         help="robust loss for the IsoFLOP parabolas",
     )
+    parser.add_argument(
+        "--frontier",
+        choices=("all", "measured"),
+        default="all",
+        help="IsoFLOP frontier from every convex budget, or only budgets whose minimum is measured "
+        "(interior, bootstrap inside the range) when there are 3",
+    )
     for role in ("params", "tokens", "flops", "loss", "group", "model", "budget"):
         parser.add_argument(f"--{role}-col", default=None, help=f"table column holding {role}")
     parser.add_argument("--no-plots", action="store_true", help="write tables only")
@@ -139,6 +146,7 @@ def _run(args: argparse.Namespace, columns: dict[str, str]) -> None:
         isoflop_var=args.isoflop_var,
         isoflop_group=args.isoflop_group,
         robust=None if args.robust == "none" else args.robust,
+        frontier=args.frontier,
         n_boot=args.n_boot,
         parametric_boot=args.parametric_boot,
         seed=args.seed,

@@ -295,18 +295,23 @@ def fit_isoflop(
     exclude_edge: bool = False,
     budget_convention: str | None = None,
     declared_budgets: np.ndarray | None = None,
+    frontier: str = "all",
 ) -> IsoFlopResult:
     """IsoFLOP (approach 2) analysis of points with columns params, tokens, budget (or flops), loss.
 
     data: a DataFrame with those columns, or a FitData (its per-model loss: one group, or the mean
     over groups when group is None). Budgets missing -> snapped from flops (snap_budgets).
-    exclude_edge leaves budgets whose vertex is at the edge out of the frontier laws.
+    exclude_edge leaves budgets whose vertex is at the edge out of the frontier laws. frontier:
+    "all" (every convex budget) or "measured" (with 3 or more budgets whose minimum is measured,
+    i.e. interior with a bootstrap inside the range, only those; the rest are listed).
     declared_budgets: snap FLOPs to the nearest of these (see snap_budgets) when there is no budget.
     Frontier laws from fewer than 3 budgets get no interval (NaN); IsoFlopResult.frontier_flag says
     when the frontier is not a result (too few usable budgets, edge minima, extrapolating bootstrap).
     """
     if fit_var not in ("params", "tokens"):
         raise DataError(f"fit_var must be 'params' or 'tokens', got {fit_var!r}")
+    if frontier not in ("all", "measured"):
+        raise DataError(f"frontier must be 'all' or 'measured', got {frontier!r}")
     if robust not in ROBUST_LOSSES:
         raise DataError(f"robust must be one of {ROBUST_LOSSES}, got {robust!r}")
     if isinstance(data, FitData):
@@ -386,6 +391,19 @@ def fit_isoflop(
         )
 
     use = [i for i, f in enumerate(fits) if not f.concave and not (exclude_edge and f.at_edge)]
+    # frontier="measured": budgets whose minimum is measured (interior, bootstrap minima inside the
+    # sampled range) make the frontier when there are 3 of them; the others are listed and left
+    # out. Otherwise every convex budget is used (published reproductions do so) and a frontier
+    # leaning on unmeasured minima is flagged as not a result (frontier_flag).
+    usable = [i for i in use if not fits[i].at_edge and not fits[i].unreliable]
+    if frontier == "measured" and len(usable) >= 3 and len(usable) < len(use):
+        left_out = [fits[i].budget for i in use if i not in usable]
+        warn(
+            EdgeOfRangeWarning,
+            f"IsoFLOP budgets {_fmt(left_out)} left out of the frontier: their minimum is at the edge or "
+            f"their bootstrap minima leave the sampled range in > {EXTRAPOLATION_LIMIT:.0%} of draws",
+        )
+        use = usable
     laws: list[PowerLawFit | None] = [None, None, None]
     if len(use) >= 2:
         c = np.array([fits[i].budget for i in use])

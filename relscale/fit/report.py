@@ -154,7 +154,8 @@ def format_summary(report: FitReport) -> str:
         for b in iso.budgets:
             why = _budget_flag(b)
             if why:
-                lines.append(f"  budget {b.budget:.3g} ({b.n_points} models): {why}")
+                out = "" if b.budget in iso.frontier_budgets else "; left out of the frontier"
+                lines.append(f"  budget {b.budget:.3g} ({b.n_points} models): {why}{out}")
     if report.parametric is not None:
         p = report.parametric
         ci = p.ci.get("alpha", (np.nan, np.nan)), p.ci.get("beta", (np.nan, np.nan))
@@ -225,6 +226,7 @@ def run_fit(
     isoflop_var: str = "params",
     isoflop_group: str | None = None,
     robust: str | None = None,
+    frontier: str = "all",
     n_boot: int = 1000,
     parametric_boot: int = 100,
     parametric_starts: int | None = 64,
@@ -254,7 +256,8 @@ def run_fit(
             flops=flops, columns=columns, wide=wide, where=where, budget_convention=budget_convention,
             declared_budgets=declared_budgets, baseline=baseline, grouping=grouping, targets=targets,
             select=select, optimal_by=optimal_by, irreducible=irreducible, isoflop_var=isoflop_var,
-            isoflop_group=isoflop_group, robust=robust, n_boot=n_boot, parametric_boot=parametric_boot,
+            isoflop_group=isoflop_group, robust=robust, frontier=frontier, n_boot=n_boot,
+            parametric_boot=parametric_boot,
             parametric_starts=parametric_starts, seed=seed, level=level, project_at=project_at,
             out_dir=out_dir, overwrite=overwrite,
         )
@@ -283,8 +286,8 @@ def run_fit(
 def _run_fits(
     source, *, wanted, explicit, kind, metric, transform, flops, columns, wide, where, budget_convention,
     declared_budgets, baseline, grouping, targets, select, optimal_by, irreducible, isoflop_var,
-    isoflop_group, robust, n_boot, parametric_boot, parametric_starts, seed, level, project_at, out_dir,
-    overwrite,
+    isoflop_group, robust, frontier, n_boot, parametric_boot, parametric_starts, seed, level, project_at,
+    out_dir, overwrite,
 ) -> tuple[FitReport, ErrorMatrix]:
     if isinstance(source, FitData):
         data = source
@@ -334,6 +337,7 @@ def _run_fits(
             seed=seed,
             level=level,
             declared_budgets=None if declared_budgets is None else np.asarray(declared_budgets, float),
+            frontier=frontier,
         ),
     )
     per_model = data.per_model(isoflop_group)

@@ -17,6 +17,7 @@ from relscale.demo import (
     DEMO_VOCAB,
     GROUPINGS,
     MAX_EPOCHS,
+    TOKENS_PER_PARAM,
     _open_sweeps,
     _shape,
     budget_sweeps,
@@ -139,7 +140,7 @@ def test_widths_are_chosen_around_each_budgets_predicted_optimum():
         params = sorted(r.params for r in runs)
         assert len(runs) == 5 and {r.budget for r in runs} == {budget}
         # the window surrounds the prediction (or starts at the narrowest width the rule allows)
-        n_opt = chinchilla_optimal_params(budget, tokens_per_param=14.0)
+        n_opt = chinchilla_optimal_params(budget, tokens_per_param=TOKENS_PER_PARAM)
         assert params[-1] > n_opt and (params[0] < n_opt or cfg.width.min == shape.width.min)
         assert cfg.width.min >= previous  # widths move up with the budget
         previous = cfg.width.min

@@ -315,3 +315,19 @@ def test_dropped_rows_warning_names_file_lines(tmp_path):
     table.to_csv(tmp_path / "t.csv", index=False)
     with pytest.warns(DroppedDataWarning, match="line 3"):
         load(tmp_path / "t.csv", dropna=True)
+
+
+def test_measured_frontier_leaves_out_unmeasured_minima():
+    good = _parabola_points([1e19, 1e20, 1e21], n=7, span=1.2, noise=0.001, seed=1)
+    bad = _parabola_points([1e22], n=5, span=0.6, centre=4.0, noise=0.004, seed=3)
+    data = pd.concat([good, bad], ignore_index=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        every = fit_isoflop(data, n_boot=300)
+        measured = fit_isoflop(data, n_boot=300, frontier="measured")
+    assert every.frontier_budgets == (1e19, 1e20, 1e21, 1e22) and every.frontier_flag
+    assert measured.frontier_budgets == (1e19, 1e20, 1e21) and measured.frontier_flag is None
+    assert measured.n_opt_law.n_points == 3 and np.all(np.isfinite(measured.n_opt_law.exponent_ci))
+    assert measured.n_opt_law.exponent == pytest.approx(0.5, abs=0.05)  # N* = 0.1 C^0.5 by construction
+    table = measured.table().set_index("budget")
+    assert not table.loc[1e22, "in_frontier"] and table.loc[1e22, "flag"]
