@@ -153,5 +153,5 @@ def test_runs_that_repeat_their_data_are_reported():
     shape = _shape("cpu")
     configs = budget_sweeps(shape, [1e10], DEMO_VOCAB)
     assert epochs_report(configs, DEMO_VOCAB, train_tokens=10**9) == []
-    lines = epochs_report(configs, DEMO_VOCAB, train_tokens=100_000)  # a 100k-token corpus
+    lines = epochs_report(configs, DEMO_VOCAB, train_tokens=10_000)  # a 10k-token corpus
     assert lines and all(f"> {MAX_EPOCHS:g} epochs" in line for line in lines)
