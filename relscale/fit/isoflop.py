@@ -93,9 +93,12 @@ class IsoFlopResult:
         used = [b for b in self.budgets if b.budget in self.frontier_budgets]
         usable = [b for b in used if not b.at_edge and not b.unreliable]
         if len(usable) < 3:
-            return f"{len(usable)} usable budget(s) of {len(self.budgets)}: at least 3 are needed"
-        edge = [f"{b.budget:.3g}" for b in used if b.at_edge]
-        wild = [f"{b.budget:.3g}" for b in used if b.unreliable]
+            return (
+                f"{len(usable)} of {len(self.budgets)} budgets have a measured minimum (interior, bootstrap "
+                "inside the sampled range): at least 3 are needed"
+            )
+        edge = ", ".join(f"{b.budget:.3g}" for b in used if b.at_edge)
+        wild = ", ".join(f"{b.budget:.3g}" for b in used if b.unreliable)
         reasons = []
         if edge:
             reasons.append(f"minimum at the edge of the sampled range at budgets {edge}")
