@@ -1,4 +1,4 @@
-"""The data room: `relscale prepare` (documents -> token shards + index + manifest) and the
+"""Prepared data: `relscale prepare` (documents -> token shards + index + manifest) and the
 deterministic, resumable sequence loader that feeds the trainer.
 
     from relscale.data import prepare_default, PreparedData, SequenceLoader
@@ -6,6 +6,9 @@ deterministic, resumable sequence loader that feeds the trainer.
     data = PreparedData(result.out_dir)
     loader = SequenceLoader(data, "train", seq_len=256, micro_batch=8, seed=0)
     batch = loader.next_batch()        # tokens, targets, positions, cu_seqlens, max_seqlen
+
+The folder layout (manifest, tokenizer, splits, group labels) is the torch-free contract in
+`relscale.data.layout`; other parts find a prepared folder's files through it.
 
 Note `relscale.data.prepare` is the function; the module is `sys.modules["relscale.data.prepare"]`.
 The loader's names are imported on first use, so `relscale prepare` does not pay for importing torch.

@@ -1,15 +1,13 @@
 """Read access to a folder written by `relscale prepare`.
 
-Layout (see prepare.py):  manifest.json, tokenizer.json, and per split (train/, val/) the token
-shards shard_00000.bin... (flat uint16/uint32: each document followed by EOS) and index.parquet
-(one row per document: doc_id, shard, offset, length, n_bytes, start, group labels, metadata).
+The folder's layout and manifest are defined in relscale.data.layout (the torch-free contract);
+this module adds the heavy readers: memory-mapped shards, the document index, the tokenizer.
 A split's token stream is its shards concatenated; shards are plain fixed-size cuts of that
 stream, so a document may continue from one shard into the next.
 """
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
@@ -17,32 +15,18 @@ import numpy as np
 import pandas as pd
 from tokenizers import Tokenizer
 
+from relscale.data import layout
+from relscale.data.layout import (  # noqa: F401 (re-exported: older callers import them from here)
+    FORMAT_VERSION,
+    INDEX_FILE,
+    MANIFEST,
+    SPLITS,
+    TOKENIZER_FILE,
+    read_manifest,
+)
 from relscale.data.sources import sha256_file
 from relscale.data.tokenizer import load_tokenizer
 from relscale.errors import DataError
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TOKENIZER_FILE = "tokenizer.json"
-INDEX_FILE = "index.parquet"
-SPLITS = ("train", "val")
-
-
-def read_manifest(data_dir: Path) -> dict:
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{data_dir}: not a prepared data folder (no {MANIFEST}); run `relscale prepare`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: unreadable manifest ({error})") from error
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise DataError(
-            f"{path}: format_version {version!r}, this relscale reads {FORMAT_VERSION}; "
-            "re-run `relscale prepare --force`"
-        )
-    return manifest
 
 
 class TokenStream:
@@ -63,6 +47,7 @@ class TokenStream:
         return int(self.bounds[-1])
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the stream as one array (a copy); IndexError outside it."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"token range [{start}, {stop}) outside a stream of {len(self)} tokens")
         parts = []
@@ -112,10 +97,10 @@ class PreparedData:
 
     def _files(self) -> list[tuple[Path, dict]]:
         """Every file the manifest describes, with its record (bytes, sha256)."""
-        files = [(self.data_dir / self.manifest["tokenizer"]["file"], self.manifest["tokenizer"])]
+        files = [(layout.tokenizer_path(self.data_dir, self.manifest), self.manifest["tokenizer"])]
         for split, record in self._splits.items():
-            files.append((self.data_dir / split / record["index"]["file"], record["index"]))
-            files += [(self.data_dir / split / shard["file"], shard) for shard in record["shards"]]
+            files.append((layout.index_path(self.data_dir, split, self.manifest), record["index"]))
+            files += list(zip(layout.shard_paths(self.data_dir, split, self.manifest), record["shards"]))
         return files
 
     def _check_sizes(self) -> None:
@@ -156,36 +141,43 @@ class PreparedData:
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
-        return load_tokenizer(self.data_dir / self.manifest["tokenizer"]["file"])
+        """The folder's ``tokenizers.Tokenizer`` (loaded once); DataError if the file is not one."""
+        return load_tokenizer(self.tokenizer_path)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The folder's tokenizer.json (see :func:`relscale.data.layout.tokenizer_path`)."""
+        return layout.tokenizer_path(self.data_dir, self.manifest)
 
     # -- tokens and documents -----------------------------------------------------------------
 
     @property
     def splits(self) -> list[str]:
+        """The split names, in manifest order (``["train", "val"]``)."""
         return list(self._splits)
 
     def split_info(self, split: str) -> dict:
-        if split not in self._splits:
-            raise DataError(f"{self.data_dir}: no split {split!r}; splits: {', '.join(self._splits)}")
-        return self._splits[split]
+        """The manifest's record of ``split`` (DataError naming the known splits if absent)."""
+        return layout.split_record(self.manifest, split, self.data_dir)
 
     def n_tokens(self, split: str) -> int:
+        """Tokens in the split's stream, one EOS per document included."""
         return int(self.split_info(split)["n_tokens"])
 
     def shards(self, split: str) -> list[np.ndarray]:
         """The split's shards, memory-mapped read-only, in stream order."""
+        records = self.split_info(split)["shards"]
+        paths = layout.shard_paths(self.data_dir, split, self.manifest)
         return [
-            np.memmap(
-                self.data_dir / split / shard["file"], dtype=self.dtype, mode="r", shape=(shard["n_tokens"],)
-            )
-            for shard in self.split_info(split)["shards"]
+            np.memmap(path, dtype=self.dtype, mode="r", shape=(shard["n_tokens"],))
+            for path, shard in zip(paths, records)
         ]
 
     def stream(self, split: str) -> TokenStream:
         """The split's shards as one flat, sliceable stream (memory maps opened once per split)."""
         cache = self.__dict__.setdefault("_stream_cache", {})
         if split not in cache:
-            names = [str(self.data_dir / split / shard["file"]) for shard in self.split_info(split)["shards"]]
+            names = [str(path) for path in layout.shard_paths(self.data_dir, split, self.manifest)]
             cache[split] = TokenStream(self.shards(split), self.dtype, names)
         return cache[split]
 
@@ -197,12 +189,14 @@ class PreparedData:
         return np.concatenate(shards) if shards else np.empty(0, self.dtype)
 
     def documents(self, split: str) -> pd.DataFrame:
+        """A copy of the split's document index: one row per document (doc_id, shard, offset,
+        length in tokens without EOS, n_bytes, start in the stream, group and extra labels)."""
         return self._documents(split).copy()
 
     def _documents(self, split: str) -> pd.DataFrame:
         cache = self.__dict__.setdefault("_index_cache", {})
         if split not in cache:
-            cache[split] = pd.read_parquet(self.data_dir / split / self.split_info(split)["index"]["file"])
+            cache[split] = pd.read_parquet(layout.index_path(self.data_dir, split, self.manifest))
         return cache[split]
 
     def doc_tokens(self, split: str, row: int) -> np.ndarray:
@@ -214,6 +208,7 @@ class PreparedData:
         return self.stream(split).read(start, start + length)
 
     def decode_document(self, split: str, row: int) -> str:
+        """The text of the document in row ``row`` of the split's index (decoded from its tokens)."""
         return self.tokenizer.decode(self.doc_tokens(split, row).tolist(), skip_special_tokens=False)
 
     def unigram_entropy(self, split: str = "train") -> float:

@@ -36,7 +36,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from relscale.data import sources as sources_mod
-from relscale.data.dataset import FORMAT_VERSION, INDEX_FILE, MANIFEST, TOKENIZER_FILE, PreparedData
+from relscale.data.dataset import PreparedData
+from relscale.data.layout import (
+    FORMAT_VERSION,
+    INDEX_FILE,
+    MANIFEST,
+    TOKENIZER_FILE,
+    manifest_path,
+    shard_file_name,
+    split_dir,
+    write_manifest,
+)
 from relscale.data.sources import Source, sha256_file
 from relscale.data.tokenizer import (
     EOS_TOKEN,
@@ -179,15 +189,17 @@ def _check_existing(out_dir: Path, input_sha256: str, options: dict, force: bool
         raise DataError(f"output {out_dir} exists and is not a folder")
     if force or not out_dir.exists() or not any(out_dir.iterdir()):
         return None
-    if not (out_dir / MANIFEST).is_file():
+    if not manifest_path(out_dir).is_file():
         raise DataError(
             f"output {out_dir} is a non-empty folder without {MANIFEST}; refusing to overwrite it "
             "(use --force)"
         )
     try:
-        old = json.loads((out_dir / MANIFEST).read_text())
+        old = json.loads(manifest_path(out_dir).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{out_dir / MANIFEST} is unreadable ({error}); use --force to rebuild") from error
+        raise DataError(
+            f"{manifest_path(out_dir)} is unreadable ({error}); use --force to rebuild"
+        ) from error
     old_options = old.get("options", {})
     conflicts = [
         f"{key} ({old_options.get(key)!r} -> {value!r})"
@@ -293,7 +305,7 @@ def _build(
             identity = input_sha256 + json.dumps(options, sort_keys=True)
             encoded = _encode(split_table, tokenizer_text, num_proc, name, identity, staging / "_cache")
             split_records[name] = _write_split(
-                staging / name,
+                split_dir(staging, name),
                 split_table,
                 encoded,
                 eos_id,
@@ -349,7 +361,7 @@ def _build(
             "num_proc": num_proc,
         },
     }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(staging, manifest)
     n_docs = sum(record["n_docs"] for record in split_records.values())
     log(
         f"prepared {n_docs} documents -> {n_tokens:,} tokens (train {split_records['train']['n_tokens']:,}, "
@@ -482,7 +494,7 @@ class ShardWriter:
         tokens = tokens.astype(self.dtype, copy=False)
         while len(tokens):
             if self._file is None:
-                name = f"shard_{len(self.records):05d}.bin"
+                name = shard_file_name(len(self.records))
                 self._file = open(self.folder / name, "wb")
                 self._digest, self._count = hashlib.sha256(), 0
                 self.records.append({"file": name})
