@@ -200,7 +200,7 @@ def run_lm_eval_comparison(device: str, n_test: int = 40, reps: int = 2) -> list
         "hf_bs16": ("hf", f"pretrained={root / 'hf'},dtype=float32", 16),
     }
     walls: dict[str, float] = {}
-    responses: dict[str, list[float]] = {}
+    responses: dict[str, dict[str, list[float]]] = {}
     counts: dict[str, int] = {}
     for name, (model_name, args, batch) in variants.items():
         best = None
@@ -213,15 +213,20 @@ def run_lm_eval_comparison(device: str, n_test: int = 40, reps: int = 2) -> list
             best = seconds if best is None else min(best, seconds)
         walls[name] = best
         samples = results["samples"]
-        flat = []
+        per_task: dict[str, list[float]] = {}
         for task in sorted(samples):
             for sample in sorted(samples[task], key=lambda x: x["doc_id"]):
                 for resp in sample["filtered_resps"]:
-                    flat.append(float(resp[0]) if isinstance(resp, list | tuple) else float(resp))
-        responses[name] = flat
-        counts[name] = len(flat)
+                    value = float(resp[0]) if isinstance(resp, list | tuple) else float(resp)
+                    per_task.setdefault(task, []).append(value)
+        responses[name] = per_task
+        counts[name] = sum(len(v) for v in per_task.values())
         print(name, f"{best:.2f}s", flush=True)
-    diff = max(abs(a - b) for a, b in zip(responses["relscale"], responses["hf_bs1"], strict=True))
+    task_diff = {
+        task: max(abs(a - b) for a, b in zip(values, responses["hf_bs1"][task], strict=True))
+        for task, values in responses["relscale"].items()
+    }
+    diff = max(task_diff.values())
     params = sum(p.numel() for p in model.parameters())
     return [
         {
@@ -234,6 +239,7 @@ def run_lm_eval_comparison(device: str, n_test: int = 40, reps: int = 2) -> list
             "speedup_vs_hf_bs1": walls["hf_bs1"] / walls["relscale"],
             "speedup_vs_hf_bs16": walls["hf_bs16"] / walls["relscale"],
             "max_abs_loglikelihood_diff_vs_hf": diff,
+            "max_abs_loglikelihood_diff_vs_hf_per_task": task_diff,
             "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
             "transformers": transformers.__version__,
             "reps": reps,
