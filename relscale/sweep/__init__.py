@@ -6,8 +6,10 @@
     relscale grid --preset tiny
     relscale sweep run sweeps/tiny --preset tiny     # any number of workers may share the directory
 
-Modules: spec (SweepConfig), grid (rules -> runs), presets, registry (sweep directory, leases),
-executors (workers: in-process, local GPUs, torchrun, Slurm), results (results.parquet), cli.
+Modules: spec (SweepConfig), grid (rules -> runs), presets, layout (the sweep-folder contract
+other parts read through: runs, states, results index), registry (writes the sweep directory,
+leases), start (create a sweep, check its data), status (text views), executors (workers:
+in-process, local GPUs, torchrun, Slurm), results (results.parquet), cli (parsing only).
 Names are imported on first use, so `relscale grid` stays light.
 """
 
@@ -26,7 +28,11 @@ _EXPORTS = {
     "execute": "relscale.sweep.executors",
     "read_index": "relscale.sweep.results",
     "update_index": "relscale.sweep.results",
-    "init_sweep": "relscale.sweep.cli",
+    "init_sweep": "relscale.sweep.start",
+    "check_data": "relscale.sweep.start",
+    "sweep_runs": "relscale.sweep.layout",
+    "finished_runs": "relscale.sweep.layout",
+    "read_results": "relscale.sweep.layout",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -5,6 +5,10 @@
     relscale sweep run sweeps/tiny --preset tiny                # initialise, then work
     relscale sweep run sweeps/tiny --executor local-gpus        # more workers on the same dir
     relscale sweep status sweeps/tiny
+
+Only argument parsing and printing live here; the work is in relscale.sweep.start (loading a
+config, creating the directory, checking the data), relscale.sweep.status (the text views) and
+relscale.sweep.executors (the workers).
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ import csv
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 
-from relscale.errors import ConfigError, DataError
+from relscale.errors import ConfigError
+from relscale.sweep.start import check_data, init_sweep, load_config
+from relscale.sweep.status import failed_runs, format_table, list_text, progress_bar, status_text
+
+__all__ = ["add_grid_arguments", "add_sweep_arguments", "check_data", "failed_runs", "format_table",
+           "init_sweep", "list_text", "progress_bar", "run_grid", "run_sweep", "status_text"]
 
 FORMATS = ("table", "csv", "json")
 TABLE_COLUMNS = ["name", "dataset", "budget", "hidden", "layers", "heads", "batch", "steps", "tokens",
@@ -24,27 +32,11 @@ TABLE_COLUMNS = ["name", "dataset", "budget", "hidden", "layers", "heads", "batc
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading a sweep config
-
-
-def _load_config(config: str | None, preset: str | None):
-    from relscale.sweep.presets import get_preset
-    from relscale.sweep.spec import load_sweep_config
-
-    if config and preset:
-        raise ConfigError("give a sweep config file or --preset, not both")
-    if preset:
-        return get_preset(preset)
-    if config:
-        return load_sweep_config(config)
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
 # relscale grid
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``relscale grid``: a config file or --preset, --format, --vocab-size, --dropped."""
     parser.add_argument("config", nargs="?", help="a sweep config (TOML), e.g. configs/sweeps/tiny.toml")
     parser.add_argument("--preset", help="a named sweep instead of a file: marin or tiny")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
@@ -54,26 +46,12 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also list the (budget, width) points the rule drops, and why")
 
 
-def _format_value(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int) and abs(value) >= 10**6:
-        return f"{value:.3g}"
-    return str(value)
-
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    cells = [[_format_value(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
-
-
 def run_grid(args: argparse.Namespace) -> int:
+    """``relscale grid``: print the grid's runs (table, CSV or JSON) and, with --dropped, the
+    points the rule drops (to stderr). ConfigError for a missing config or a bad --vocab-size."""
     from relscale.sweep.grid import COLUMNS, build_grid, candidates, resolve_vocab_sizes
 
-    cfg = _load_config(args.config, args.preset)
+    cfg = load_config(args.config, args.preset)
     if cfg is None:
         raise ConfigError("relscale grid: give a sweep config file or --preset NAME")
     if args.vocab_size is not None:
@@ -110,6 +88,7 @@ def run_grid(args: argparse.Namespace) -> int:
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``relscale sweep run|status|list SWEEP_DIR``."""
     from relscale.sweep.executors import EXECUTORS
     from relscale.sweep.registry import DEFAULT_HEARTBEAT_S, DEFAULT_LEASE_TIMEOUT_S
 
@@ -146,89 +125,14 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slurm-gpus", type=int, default=1, help="slurm: GPUs per job")
 
 
-def init_sweep(sweep_dir: str | Path, cfg):
-    """Create (or reopen, if it holds the same config) a sweep directory for ``cfg``."""
-    from relscale.config import to_dict
-    from relscale.sweep.grid import build_grid
-    from relscale.sweep.registry import Sweep
-    from relscale.sweep.spec import config_differences, sweep_config_to_dict
-
-    config = sweep_config_to_dict(cfg)
-    sweep = Sweep(sweep_dir)
-    if sweep.exists():  # compare before building the grid, which may need the prepared data
-        differences = config_differences(sweep.read_config(), config)
-        if differences:
-            raise ConfigError(f"{sweep_dir} holds a sweep with another config; differences (existing -> "
-                              f"given): " + "; ".join(differences[:20]))
-        return sweep
-    runs = build_grid(cfg)
-    if not runs:
-        raise ConfigError("the sweep config gives no runs (every grid point was dropped); "
-                          "see `relscale grid CONFIG --dropped`")
-    base = to_dict(cfg.train)
-    base["out_dir"] = ""
-    return Sweep.create(sweep_dir, config, base,
-                        ((r.run_id, r.folder, r.row(), to_dict(r.train)) for r in runs))
-
-
-def check_data(sweep) -> None:
-    """Every dataset of the sweep must be prepared before workers start (else each run fails)."""
-    from relscale.data import PreparedData
-
-    paths = sorted({r.row.get("dataset"): sweep.train_config(r, "").data.path
-                    for r in sweep.records}.items())
-    for name, path in paths:
-        try:
-            PreparedData(path)
-        except DataError as err:
-            source = "" if name == "sotu" else "SOURCE "
-            raise DataError(f"dataset {name!r}: no prepared data at {path} ({err}); prepare it with "
-                            f"`relscale prepare {source}--out {path}`") from None
-
-
-def progress_bar(done: int, total: int, width: int = 40) -> str:
-    filled = 0 if total == 0 else round(width * done / total)
-    pct = 100.0 if total == 0 else 100.0 * done / total
-    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} finished ({pct:.0f}%)"
-
-
-def status_text(sweep, lease_timeout_s: float) -> str:
-    """Counts per state, per (dataset, budget), and a progress bar over the sweep."""
-    from relscale.sweep.registry import STATES, TERMINAL
-
-    states = sweep.states(lease_timeout_s)
-    by_group: dict[tuple[str, float], Counter] = {}
-    totals: Counter = Counter()
-    for record in sweep.records:
-        state = states[record.run_id].state
-        key = (str(record.row.get("dataset")), float(record.row.get("budget", 0.0)))
-        by_group.setdefault(key, Counter())[state] += 1
-        totals[state] += 1
-    rows = [{"dataset": ds, "budget": b, **{s: counts.get(s, 0) for s in STATES},
-             "total": sum(counts.values())} for (ds, b), counts in sorted(by_group.items())]
-    rows.append({"dataset": "all", "budget": "", **{s: totals.get(s, 0) for s in STATES},
-                 "total": sum(totals.values())})
-    finished = sum(totals[s] for s in TERMINAL)
-    return (f"sweep {sweep.root}\n" + format_table(rows, ["dataset", "budget", *STATES, "total"]) + "\n"
-            + progress_bar(finished, len(sweep.records)))
-
-
-def list_text(sweep, lease_timeout_s: float) -> str:
-    states = sweep.states(lease_timeout_s)
-    rows = []
-    for record in sweep.records:
-        s = states[record.run_id]
-        rows.append({"folder": record.folder, "state": s.state, "failures": s.failures, "lost": s.lost,
-                     "worker": s.lease.worker if s.lease else ""})
-    return format_table(rows, ["folder", "state", "failures", "lost", "worker"])
-
-
 def run_sweep(args: argparse.Namespace) -> int:
+    """``relscale sweep``: ``run`` initialises (with --config/--preset) and works on the sweep,
+    then prints its status; exit 1 when a run failed. ``status`` / ``list`` print the views."""
     from relscale.sweep.executors import WorkerOptions, execute
     from relscale.sweep.registry import Sweep
     from relscale.sweep.results import update_index
 
-    cfg = _load_config(args.config, args.preset)
+    cfg = load_config(args.config, args.preset)
     for name in ("workers", "max_retries"):
         if (getattr(args, name) or 0) < 0:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0")
@@ -278,20 +182,3 @@ def run_sweep(args: argparse.Namespace) -> int:
                 print(f"relscale sweep: ... and {len(failed) - 10} more failed runs", file=sys.stderr)
             code = code or 1
     return code
-
-
-def failed_runs(sweep) -> list[tuple[str, str | None]]:
-    """(folder, error line) of every run marked failed, in listing order."""
-    states = sweep.states()
-    out = []
-    for record in sweep.records:
-        if states[record.run_id].state == "failed":
-            payload = sweep.read_mark(record.run_id, "failed") or {}
-            error = payload.get("error") or payload.get("reason")
-            if isinstance(error, str) and "\n" in error.strip():
-                from relscale.sweep.executors import error_summary
-
-                error = error_summary(error)
-            out.append((record.folder, error))
-    return out
-

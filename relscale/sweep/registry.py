@@ -1,5 +1,8 @@
 """The sweep directory: run listing, run states, leases and heartbeats, shared by many workers.
 
+This module writes the folder; the file names and the reader API for other parts are the
+contract in relscale.sweep.layout.
+
 Layout (every write is atomic: a temp file in the same folder, then os.replace / os.link)::
 
     SWEEP_DIR/sweep.json        the sweep config (written once; a different config is refused)
@@ -49,12 +52,22 @@ from typing import Any
 from relscale.atomic import atomic_write_text, default_file_mode
 from relscale.config import merge, train_config_from_dict
 from relscale.errors import ConfigError, RelscaleError
+from relscale.sweep.layout import (  # noqa: F401 (TERMINAL, STATES re-exported for older callers)
+    DEFAULT_LEASE_TIMEOUT_S,
+    LEASES_DIR,
+    MARKS_DIR,
+    RUN_LISTING,
+    RUNS_DIR,
+    STATES,
+    SWEEP_CONFIG,
+    TERMINAL,
+    WORKERS_DIR,
+    mark_name,
+    parse_mark_name,
+)
 
 FORMAT_VERSION = 1
-TERMINAL = ("done", "diverged", "failed")
-STATES = ("pending", "running", "stale", "done", "diverged", "failed")
 DEFAULT_HEARTBEAT_S = 10.0
-DEFAULT_LEASE_TIMEOUT_S = 120.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,11 +154,17 @@ HOST_KEY = f"{HOST}|{_pid_namespace()}"
 
 
 def new_worker_id() -> str:
+    """A worker name unique across hosts and processes: ``<host>-<pid>-<6 hex>``."""
     return f"{HOST}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
 class Lease:
+    """A worker's hold on one run: the content of ``leases/<run_id>``.
+
+    ``started``/``heartbeat``: Unix times in seconds (the heartbeat is the file's mtime);
+    ``host_key``: host name and PID namespace, so liveness is only judged on the same host."""
+
     run_id: str
     token: str
     worker: str
@@ -159,6 +178,7 @@ class Lease:
     linked: bool = field(default=True, repr=False, compare=False)
 
     def to_json(self) -> str:
+        """The lease file's JSON text (without ``linked``)."""
         data = asdict(self)
         data.pop("linked")
         return json.dumps(data)
@@ -176,6 +196,8 @@ class Lease:
         return None
 
     def is_stale(self, timeout_s: float, now: float | None = None) -> bool:
+        """True if the last heartbeat is more than ``timeout_s`` seconds before ``now`` (default:
+        the current time), or the owner process is known to be dead."""
         now = time.time() if now is None else now
         return now - self.heartbeat > timeout_s or self.owner_alive() is False
 
@@ -215,6 +237,9 @@ class RunRecord:
 
 @dataclass
 class RunState:
+    """A run's state (one of relscale.sweep.layout.STATES), its counts of failed and lost
+    attempts (fail-<k> and lost-<k> marks), and the lease while it is held."""
+
     run_id: str
     state: str  # one of STATES
     failures: int = 0
@@ -224,6 +249,9 @@ class RunState:
 
 @dataclass
 class Claim:
+    """What :meth:`Sweep.claim` hands a worker: the run, its lease, its run folder, the failed and
+    lost attempts before this one, and whether the lease was taken over from a stale worker."""
+
     record: RunRecord
     lease: Lease
     run_dir: Path
@@ -250,10 +278,10 @@ class Sweep:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.marks = self.root / "marks"
-        self.leases = self.root / "leases"
-        self.runs_dir = self.root / "runs"
-        self.workers_dir = self.root / "workers"
+        self.marks = self.root / MARKS_DIR
+        self.leases = self.root / LEASES_DIR
+        self.runs_dir = self.root / RUNS_DIR
+        self.workers_dir = self.root / WORKERS_DIR
         self._records: list[RunRecord] | None = None
         self._base_train: dict[str, Any] | None = None
 
@@ -261,12 +289,18 @@ class Sweep:
 
     @property
     def config_path(self) -> Path:
-        return self.root / "sweep.json"
+        """``SWEEP_DIR/sweep.json``."""
+        return self.root / SWEEP_CONFIG
 
     def exists(self) -> bool:
+        """Whether the directory is an initialised sweep (sweep.json, written last, exists)."""
         return self.config_path.is_file()
 
     def read_config(self) -> dict[str, Any]:
+        """The stored sweep config (the JSON of relscale.sweep.spec.sweep_config_to_dict).
+
+        Raises RelscaleError naming the folder or file when there is no sweep.json, when it is
+        unreadable, or when its format is not this version's."""
         if not self.exists():
             raise RelscaleError(f"{self.root}: not a sweep directory (no sweep.json); "
                                 f"start it with `relscale sweep run {self.root} --config SWEEP.toml`")
@@ -287,8 +321,6 @@ class Sweep:
         may call this at once: one creates (behind an exclusive init lock), the others wait for
         sweep.json and compare. A different config is refused, naming the keys that differ.
         """
-        from relscale.sweep.spec import config_differences
-
         sweep = cls(root)
         if not sweep.exists():
             sweep.root.mkdir(parents=True, exist_ok=True)
@@ -304,7 +336,7 @@ class Sweep:
                     ]
                     listing_text = json.dumps({"base_train": base_train, "runs": listing},
                                               separators=(",", ":"))
-                    write_atomic(sweep.root / "runs.json", listing_text)
+                    write_atomic(sweep.root / RUN_LISTING, listing_text)
                     # sweep.json last: its presence says the directory is complete.
                     write_atomic(sweep.config_path, json.dumps(
                         {"format": FORMAT_VERSION, "config": config, "created": time.time()}, indent=1))
@@ -317,18 +349,26 @@ class Sweep:
                         raise RelscaleError(f"{root}: another process is initialising this sweep "
                                             f"(remove {lock} if it died)")
                     time.sleep(0.05)
-        old = sweep.read_config()
-        differences = config_differences(old, config)
-        if differences:
-            raise ConfigError(f"{root} holds a sweep with another config; differences (existing -> given): "
-                              + "; ".join(differences[:20])
-                              + ("" if len(differences) <= 20 else f"; ... {len(differences) - 20} more"))
+        sweep.check_same_config(config)
         return sweep
+
+    def check_same_config(self, config: dict[str, Any]) -> None:
+        """Refuse ``config`` (a sweep_config_to_dict dict) unless it equals the stored one.
+
+        The one comparison of a given config with a sweep directory's: ConfigError listing the
+        keys that differ (existing -> given, at most 20); RelscaleError if there is no sweep."""
+        from relscale.sweep.spec import config_differences
+
+        differences = config_differences(self.read_config(), config)
+        if differences:
+            raise ConfigError(f"{self.root} holds a sweep with another config; differences "
+                              "(existing -> given): " + "; ".join(differences[:20])
+                              + ("" if len(differences) <= 20 else f"; ... {len(differences) - 20} more"))
 
     # -- runs --------------------------------------------------------------------------------
 
     def _load(self) -> None:
-        path = self.root / "runs.json"
+        path = self.root / RUN_LISTING
         try:
             data = _read_json(path)
         except FileNotFoundError:
@@ -342,12 +382,14 @@ class Sweep:
 
     @property
     def records(self) -> list[RunRecord]:
+        """Every run of the listing, in grid order (read once; RelscaleError if unreadable)."""
         if self._records is None:
             self.read_config()
             self._load()
         return self._records  # type: ignore[return-value]
 
     def record(self, run_id: str) -> RunRecord:
+        """The listing's record of ``run_id`` (KeyError if the sweep has no such run)."""
         self.records  # noqa: B018 (loads the listing)
         return self._by_id[run_id]
 
@@ -359,6 +401,7 @@ class Sweep:
         return train_config_from_dict(data)
 
     def run_dir(self, record: RunRecord) -> Path:
+        """``SWEEP_DIR/runs/<folder>``: the run's trainer out_dir."""
         return self.runs_dir / record.folder
 
     # -- states ------------------------------------------------------------------------------
@@ -385,6 +428,7 @@ class Sweep:
         return {name for name in _listdir(self.leases) if "." not in name}
 
     def read_lease(self, run_id: str) -> Lease | None:
+        """The run's current lease (heartbeat = the file's mtime), or None when nobody holds it."""
         return _parse_lease(self.leases / run_id, run_id)
 
     def states(self, lease_timeout_s: float = DEFAULT_LEASE_TIMEOUT_S) -> dict[str, RunState]:
@@ -605,6 +649,7 @@ class Sweep:
         _unlink(self._private(lease.run_id, lease.token))
 
     def release(self, claim: Claim) -> None:
+        """Give up the claim's lease (only if it is still ours); the run stays as its marks say."""
         self._release(claim.lease)
 
     def last_error(self, run_id: str) -> str | None:
@@ -625,12 +670,12 @@ class Sweep:
 
     def mark(self, run_id: str, kind: str, payload: dict[str, Any]) -> bool:
         """Record a fact about a run; a mark is never overwritten (False if it already existed)."""
-        return create_exclusive(self.marks / f"{run_id}.{kind}", json.dumps(payload, default=str))
+        return create_exclusive(self.marks / mark_name(run_id, kind), json.dumps(payload, default=str))
 
     def read_mark(self, run_id: str, kind: str) -> dict[str, Any] | None:
         """A mark's JSON payload; None if absent, {} (with a warning) if unreadable."""
         try:
-            payload = _read_json(self.marks / f"{run_id}.{kind}")
+            payload = _read_json(self.marks / mark_name(run_id, kind))
         except FileNotFoundError:
             return None
         except RelscaleError as err:
@@ -648,6 +693,7 @@ class Sweep:
             os.fsync(f.fileno())
 
     def log_worker(self, worker: str, event: dict[str, Any]) -> None:
+        """Append ``event`` (with the time) to ``workers/<worker>.jsonl``."""
         self.workers_dir.mkdir(exist_ok=True)
         with open(self.workers_dir / f"{worker}.jsonl", "a") as f:
             f.write(json.dumps({"time": time.time(), **event}, default=str) + "\n")

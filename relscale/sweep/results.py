@@ -1,5 +1,7 @@
 """The results index: results.parquet in the sweep directory, one row per finished run.
 
+Readers outside the sweep go through relscale.sweep.layout (read_results, finished_runs).
+
 The source of truth is the per-run marks (marks/<run_id>.done|.diverged|.failed hold the result
 row as JSON, written once); the Parquet file is a cache of them that any worker may refresh.
 A refresh reads only marks the index does not hold yet, writes a temp file and os.replace()s it,
@@ -23,9 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from relscale.atomic import atomic_write
-from relscale.sweep.registry import TERMINAL, Sweep, _unlink, create_exclusive
+from relscale.errors import DataError
+from relscale.sweep.layout import MARKS_DIR, RESULTS_INDEX, TERMINAL, parse_mark_name
+from relscale.sweep.registry import Sweep, _listdir, _unlink, create_exclusive
 
-INDEX_FILE = "results.parquet"
+INDEX_FILE = RESULTS_INDEX
 SCHEMA = pa.schema([
     ("run_id", pa.string()),
     ("name", pa.string()),
@@ -115,19 +119,31 @@ def _read_index_file(path: Path) -> pa.Table:
 def read_index(sweep_dir: str | Path) -> pa.Table:
     """The results index of a sweep directory (an empty table when there is none yet).
 
-    results.parquet is a cache of the marks: when it is unreadable it is rebuilt from them, with
-    a warning, instead of failing every reader (workers, fit, eval)."""
+    Returns a table with :data:`SCHEMA`. results.parquet is a cache of the marks: when it is
+    unreadable it is rebuilt from them, with a warning, instead of failing every reader (workers,
+    fit, eval). Raises DataError naming the file when it is unreadable and the folder has no
+    marks/ to rebuild it from (the file is then left as it is)."""
     path = Path(sweep_dir) / INDEX_FILE
     if not path.exists():
         return SCHEMA.empty_table()
     try:
         return _read_index_file(path)
     except CorruptIndex as err:
+        if not (Path(sweep_dir) / MARKS_DIR).is_dir():
+            raise DataError(f"{err}; no {MARKS_DIR}/ next to it to rebuild it from") from None
         warnings.warn(f"{err}; rebuilding it from the run marks", stacklevel=2)
     sweep = Sweep(sweep_dir)
     if update_index(sweep, rebuild=True) is None:  # another worker is rebuilding it: use the marks
         return _table(_rows_from_marks(sweep))
     return _read_index_file(path)
+
+
+def table_from_marks(sweep_dir: str | Path) -> pa.Table:
+    """The results index assembled in memory from the terminal marks (nothing is written).
+
+    Returns a table with :data:`SCHEMA`, sorted like results.parquet; empty without marks/."""
+    table = _table(_rows_from_marks(Sweep(sweep_dir)))
+    return table.sort_by([(key, "ascending") for key in ("dataset", "budget", "hidden")])
 
 
 def _rows_from_marks(sweep: Sweep) -> list[dict[str, Any]]:
@@ -140,15 +156,22 @@ def _rows_from_marks(sweep: Sweep) -> list[dict[str, Any]]:
 
 def _finished_marks(sweep: Sweep) -> dict[str, str]:
     finished: dict[str, str] = {}
-    for name in os.listdir(sweep.marks):
-        run_id, _, kind = name.partition(".")
-        if kind in TERMINAL and not name.startswith(".") and (kind != "failed" or run_id not in finished):
+    for name in _listdir(sweep.marks):
+        parsed = parse_mark_name(name)
+        if parsed is None:
+            continue
+        run_id, kind = parsed
+        if kind in TERMINAL and (kind != "failed" or run_id not in finished):
             finished[run_id] = kind
     return finished
 
 
 def update_index(sweep: Sweep, *, rebuild: bool = False, max_rounds: int = 10) -> int | None:
-    """Bring results.parquet up to date with the marks; returns its row count (None: busy)."""
+    """Bring results.parquet up to date with the marks; returns its row count (None: busy).
+
+    Only new or changed marks are read; the file is replaced atomically under an exclusive
+    ``results.lock`` (a lock older than LOCK_STALE_S seconds is taken over). ``rebuild``: start
+    from an empty table instead of the existing file. Never loses a row: the marks stay the truth."""
     lock = sweep.root / "results.lock"
     if not create_exclusive(lock, json.dumps({"pid": os.getpid(), "time": time.time()})):
         try:

@@ -3,8 +3,11 @@
 A sweep config is a TOML file (``configs/sweeps/*.toml``) whose tables mirror the dataclasses
 below; it is validated with :func:`relscale.config.from_dict`, so an unknown key, a wrong type or
 an impossible value fails with a :class:`ConfigError` naming the key (``width.step: ...``).
-The ``[train]`` table is an ordinary :class:`TrainConfig` holding what every run shares (optimizer
-preset, seed, eval settings); the grid fills in the model shape, batch, steps, LR and data path.
+The ``[train]`` table is an ordinary :class:`TrainConfig` holding what every run shares (optimizer,
+seed, eval settings); the grid fills in the model shape, batch, steps, LR, beta2 (rule ``marin``),
+sequence length and data path. Each of those has one source, the sweep's own key (see
+:data:`GRID_OWNED`): a ``[train]`` value for it is refused, naming the key, instead of being
+silently replaced per run.
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ class WidthRule:
     by_budget: list[WidthStep] = field(default_factory=list)
 
     def step_for(self, budget: float) -> int:
+        """The width step at ``budget`` (FLOPs): the first by_budget entry covering it, else step."""
         for entry in sorted(self.by_budget, key=lambda e: e.max_budget):
             if budget <= entry.max_budget:
                 return entry.step
         return self.step
 
     def widths(self, budget: float) -> list[int]:
+        """The candidate widths (hidden sizes) at ``budget``, ascending."""
         return list(range(self.min, self.max + 1, self.step_for(budget)))
 
 
@@ -72,6 +77,7 @@ class DepthRule:
     layers: int = 2
 
     def layers_for(self, hidden: int) -> int:
+        """The number of layers for width ``hidden`` under this rule."""
         if self.rule == "fixed":
             return self.layers
         denominator = self.base + self.scale * math.log2(hidden) - self.offset
@@ -125,6 +131,19 @@ class DatasetSpec:
 
 @dataclass
 class SweepConfig:
+    """An IsoFLOP sweep: compute budgets, the rules that give each budget its runs, the datasets
+    (one full grid each) and the TrainConfig every run shares.
+
+    ``budgets``: FLOPs per run, in ``flop_convention`` (``marin``: forward-only 2N per token plus
+    attention, as Marin's sweeps; ``train``: forward+backward); a grid point is kept when its
+    achieved FLOPs are within ``flop_tolerance`` (a fraction) of the budget. ``seq_len``: tokens
+    per training sequence. ``vocab_size``: None reads each dataset's prepared vocabulary. Widths
+    (``width``) are multiples of ``head_dim``; heads = hidden / head_dim; the SwiGLU inner size is
+    ``mlp_ratio`` x hidden. ``target_steps`` bounds the steps the batch rule aims at. Rules follow
+    Marin's IsoFLOP sweeps (marin-community/marin, ``isoflop_sweep``). :meth:`validate` raises
+    ConfigError naming the key.
+    """
+
     name: str = "sweep"
     budgets: list[float] = field(default_factory=list)
     flop_convention: str = _choice("marin", ("marin", "train"))  # the convention budgets are in
@@ -143,7 +162,11 @@ class SweepConfig:
     datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec()])
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> None:
+    def validate(self, check_grid_keys: bool = True) -> None:
+        """Check every rule; ConfigError naming the first bad key (``width.step: ...``).
+
+        ``check_grid_keys``: also refuse ``train`` values the grid would replace (see
+        :func:`grid_owned_conflicts`; off when reading back a stored sweep.json)."""
         _require(bool(NAME_RE.fullmatch(self.name)), "name",
                  f"{self.name!r}: use letters, digits, '_', '.', '-'")
         _require(len(self.budgets) > 0, "budgets", "give at least one compute budget")
@@ -201,19 +224,126 @@ class SweepConfig:
             self.train.validate()
         except ConfigError as err:
             raise ConfigError(f"train.{err}") from None
+        if check_grid_keys:
+            conflicts = grid_owned_conflicts(self)
+            if conflicts:
+                raise ConfigError(conflicts[0])
 
 
-def sweep_config_from_dict(data: dict[str, Any], where: str = "") -> SweepConfig:
-    """Build and validate a SweepConfig; errors name the key (prefixed by ``where``, e.g. a file)."""
+# The TrainConfig keys the grid sets for every run (relscale.sweep.grid.train_config_for, _model)
+# or the executor sets (out_dir), each with the sweep key that is their one source.
+GRID_OWNED: dict[str, str] = {
+    "model.vocab_size": "vocab_size (or the prepared data's vocabulary)",
+    "model.hidden": "[width]",
+    "model.layers": "[depth]",
+    "model.heads": "head_dim (heads = hidden / head_dim)",
+    "model.kv_heads": "kv_heads",
+    "model.head_dim": "head_dim",
+    "model.mlp_hidden": "mlp_ratio",
+    "model.max_seq_len": "seq_len",
+    "data.path": "[[datasets]] path",
+    "data.seq_len": "seq_len",
+    "optim.lr": "[lr]",
+    "optim.beta2": "[beta2] (rule \"marin\"; rule \"fixed\" takes [train.optim] beta2)",
+    "optim.preset": "[beta2]",
+    "steps": "budgets (steps = budget / FLOPs per step)",
+    "micro_batch": "[batch] (max_micro_batch, gpus_per_run)",
+    "grad_accum": "[batch] (max_micro_batch, gpus_per_run)",
+    "out_dir": "the sweep directory (each run trains in SWEEP_DIR/runs/<folder>)",
+}
+
+
+def _grid_value(cfg: SweepConfig, key: str) -> tuple[bool, Any]:
+    """(True, value) when the grid gives ``key`` one value for every run of ``cfg``; else (False, None)."""
+    constant = {
+        "model.max_seq_len": cfg.seq_len,
+        "data.seq_len": cfg.seq_len,
+        "model.head_dim": cfg.head_dim,
+        "model.kv_heads": cfg.kv_heads,
+    }
+    if key in constant:
+        return True, constant[key]
+    if key == "model.vocab_size" and cfg.vocab_size is not None:
+        return True, cfg.vocab_size
+    if key == "data.path" and len(cfg.datasets) == 1:
+        return True, cfg.datasets[0].path
+    return False, None
+
+
+def _lookup(data: Any, dotted: str) -> tuple[bool, Any]:
+    for part in dotted.split("."):
+        if isinstance(data, dict):
+            if part not in data:
+                return False, None
+            data = data[part]
+        else:
+            if not hasattr(data, part):
+                return False, None
+            data = getattr(data, part)
+    return True, data
+
+
+def grid_owned_conflicts(cfg: SweepConfig, given_train: dict[str, Any] | None = None) -> list[str]:
+    """The ``train`` keys of a sweep config that the grid would silently replace, as error lines
+    ``train.<key>: ...`` naming the key, its value and the sweep key that sets it.
+
+    A grid-owned key (:data:`GRID_OWNED`) conflicts when its value differs from TrainConfig's
+    default and, where the grid gives one value to every run (seq_len, head_dim, kv_heads,
+    vocab_size when set, the data path of a one-dataset sweep), from that value too.
+    ``optim.beta2`` only counts under ``beta2.rule = "marin"`` (rule "fixed" reads it).
+    A value equal to the default is accepted because it cannot be told from an unset key in a
+    full dump (sweep_config_to_dict written as TOML lists every key). ``given_train``: the raw
+    ``[train]`` table of a TOML file, needed for keys resolved when the TrainConfig is built
+    (``optim.preset = "marin"``); default: the values of ``cfg.train``.
+    """
+    defaults = TrainConfig()
+    source = cfg.train if given_train is None else given_train
+    lines = []
+    for key, owner in GRID_OWNED.items():
+        present, value = _lookup(source, key)
+        if not present:
+            continue
+        if key == "optim.beta2" and cfg.beta2.rule != "marin":
+            continue
+        if key == "optim.preset" and value == "none":
+            continue
+        constant, grid_value = _grid_value(cfg, key)
+        if (constant and value == grid_value) or value == _lookup(defaults, key)[1]:
+            continue
+        if key == "optim.preset":
+            lines.append(f"train.optim.preset: {value!r} is refused in a sweep config: it derives beta2 from "
+                         "[train] micro_batch, but the grid sets the batch and beta2 ([beta2]); give the "
+                         "optimizer's keys in [train.optim] instead")
+            continue
+        shown = f"{grid_value!r}" if constant else "per run"
+        lines.append(f"train.{key}: {value!r} is set by the grid from {owner} (grid value: {shown}); "
+                     f"remove it from [train.{key.rpartition('.')[0]}]".replace("[train.]", "[train]"))
+    return lines
+
+
+def sweep_config_from_dict(data: dict[str, Any], where: str = "", *,
+                           check_grid_keys: bool = True) -> SweepConfig:
+    """Build and validate a SweepConfig from nested dicts (a parsed TOML file).
+
+    Errors are ConfigError naming the key, prefixed by ``where`` (e.g. the file):
+    unknown keys, wrong types, impossible values, and (``check_grid_keys``) a ``[train]`` key the
+    grid owns (see :func:`grid_owned_conflicts`; e.g. ``[train.data] seq_len = 64`` in a sweep
+    with ``seq_len = 128`` is refused rather than silently becoming 128)."""
     try:
         cfg = from_dict(SweepConfig, data)
-        cfg.validate()
+        cfg.validate(check_grid_keys=False)
+        if check_grid_keys:
+            train = data.get("train") if isinstance(data, dict) else None
+            conflicts = grid_owned_conflicts(cfg, train if isinstance(train, dict) else {})
+            if conflicts:
+                raise ConfigError(conflicts[0])
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}" if where else str(err)) from None
     return cfg
 
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
+    """The validated SweepConfig of a TOML file (ConfigError naming the file and the key)."""
     return sweep_config_from_dict(read_toml(path), where=str(path))
 
 
@@ -227,6 +357,10 @@ def sweep_config_to_dict(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def sweep_config_from_json(data: dict[str, Any], where: str = "") -> SweepConfig:
+    """The SweepConfig stored in a sweep.json (inverse of :func:`sweep_config_to_dict`).
+
+    The stored ``train`` table holds every key, so the grid-owned check is not repeated here (it
+    ran when the sweep was created). ConfigError naming the key for a malformed config."""
     data = dict(data)
     width = dict(data.get("width", {}))
     if "by_budget" in width:
@@ -235,7 +369,7 @@ def sweep_config_from_json(data: dict[str, Any], where: str = "") -> SweepConfig
             for e in width["by_budget"]
         ]
         data["width"] = width
-    return sweep_config_from_dict(data, where)
+    return sweep_config_from_dict(data, where, check_grid_keys=False)
 
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
