@@ -15,6 +15,7 @@ def _fields(text: str | None) -> list[str] | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``relscale prepare`` (sources, --out, tokenizer, split and shard options)."""
     parser.add_argument(
         "sources",
         nargs="*",
@@ -80,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``relscale prepare``: build (or, with --verify, check) a prepared folder; 0 on success.
+    Bad flags raise DataError naming the flag (the CLI exits 2)."""
     from relscale.data.dataset import PreparedData
     from relscale.data.prepare import prepare
 

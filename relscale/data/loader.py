@@ -36,6 +36,9 @@ STATE_VERSION = 1
 
 @dataclass
 class Batch:
+    """One micro-batch of packed sequences: B windows of S tokens (S = seq_len), with the
+    document segmentation the attention kernels use (see the module docstring)."""
+
     tokens: torch.Tensor  # (B, S) int64 inputs
     targets: torch.Tensor  # (B, S) int64 next tokens
     positions: torch.Tensor  # (B, S) int64, 0 at every segment start
@@ -43,6 +46,7 @@ class Batch:
     max_seqlen: int  # an upper bound on segment length (= S), known without a device sync
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> Batch:
+        """The same batch with every tensor moved to ``device``."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
             if isinstance(value, torch.Tensor):
@@ -51,6 +55,7 @@ class Batch:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(B, S): sequences and tokens per sequence."""
         return tuple(self.tokens.shape)
 
 
@@ -111,6 +116,15 @@ def _count_windows(data: PreparedData, split: str, seq_len: int) -> int:
 
 
 class SequenceLoader:
+    """Deterministic, resumable micro-batches of one split (see the module docstring for the order).
+
+    ``data``: a PreparedData or its folder; ``seq_len``: tokens per sequence; ``micro_batch``:
+    sequences per micro-step on this rank; ``rank``/``world_size``: this process's share of the
+    global batch of micro_batch x grad_accum x world_size sequences; ``shuffle`` (default: True
+    for "train" only). ConfigError for a bad batch layout; DataError when the split holds fewer
+    windows than one global batch.
+    """
+
     def __init__(
         self,
         data: PreparedData | str | Path,
@@ -156,6 +170,7 @@ class SequenceLoader:
 
     @property
     def tokens_per_step(self) -> int:
+        """Input tokens of one optimizer step over all ranks (global batch x seq_len)."""
         return self.global_batch * self.seq_len
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -194,6 +209,7 @@ class SequenceLoader:
         return windows
 
     def next_batch(self) -> Batch:
+        """The next micro-batch of this rank, advancing (micro-step, step, epoch)."""
         windows = self.read_windows(self.window_ids(self.epoch, self.step, self.micro))
         self.micro += 1
         if self.micro == self.grad_accum:
@@ -215,6 +231,7 @@ class SequenceLoader:
     # -- resume -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """The position (epoch, step, micro-step) and the layout it was taken under (JSON-safe)."""
         return {
             "version": STATE_VERSION,
             "split": self.split,

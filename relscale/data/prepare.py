@@ -69,11 +69,15 @@ _EMPTY_EXAMPLES = 20
 
 @dataclass
 class PrepareResult:
+    """What :func:`prepare` returns: the output folder, its manifest, and whether it was already
+    up to date (nothing rebuilt)."""
+
     out_dir: Path
     manifest: dict
     up_to_date: bool
 
     def open(self, verify: bool = False) -> PreparedData:
+        """The prepared folder as a PreparedData (``verify``: also check every file's sha256)."""
         return PreparedData(self.out_dir, verify=verify)
 
 
@@ -491,6 +495,7 @@ class ShardWriter:
         self._count = 0
 
     def write(self, tokens: np.ndarray) -> None:
+        """Append ``tokens`` (1-D ids) to the stream, starting a new shard whenever one is full."""
         tokens = tokens.astype(self.dtype, copy=False)
         while len(tokens):
             if self._file is None:
@@ -515,6 +520,7 @@ class ShardWriter:
         self._file = None
 
     def close(self) -> list[dict]:
+        """Finish the last shard; returns the shard records (file, n_tokens, bytes, sha256)."""
         if self._file is not None:
             self._close_shard()
         return self.records

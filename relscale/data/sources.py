@@ -42,14 +42,20 @@ _HASH_CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Source:
+    """One input of ``relscale prepare``: its kind (the default corpus; ``txt``, ``txt_dir``,
+    ``json`` for .jsonl/.json, ``parquet``, ``hf_dir`` for a saved Hugging Face dataset) and its
+    path (None: the default corpus)."""
+
     kind: str
     path: Path | None = None
 
     @property
     def name(self) -> str:
+        """A short label: the file or folder name, or the default corpus's name."""
         return SOTU if self.path is None else self.path.name
 
     def describe(self) -> str:
+        """``kind:path`` (as recorded in the manifest's source description)."""
         return SOTU if self.path is None else f"{self.kind}:{self.path}"
 
 
@@ -99,6 +105,7 @@ def default_fields(sources: list[Source]) -> dict:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(_HASH_CHUNK):

@@ -51,6 +51,7 @@ def train_bpe(
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A ``tokenizers`` tokenizer.json; DataError naming the file if it is missing or not one."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"tokenizer file not found: {path}")
@@ -61,6 +62,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def eos_id_of(tokenizer: Tokenizer, eos_token: str = EOS_TOKEN, *, where: str = "tokenizer") -> int:
+    """The id of ``eos_token``; DataError naming ``where`` when the vocabulary lacks it."""
     eos_id = tokenizer.token_to_id(eos_token)
     if eos_id is None:
         raise DataError(
@@ -76,6 +78,7 @@ def tokenizer_json(tokenizer: Tokenizer) -> str:
 
 
 def sha256_text(text: str) -> str:
+    """Hex sha256 of ``text`` encoded as UTF-8."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

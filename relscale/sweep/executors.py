@@ -48,6 +48,9 @@ EXECUTORS = ("inprocess", "local-gpus", "torchrun", "slurm")
 
 @dataclass
 class WorkerOptions:
+    """How a sweep worker behaves: retry limits, lease heartbeat and timeout (seconds), polling,
+    when to stop, how a claimed run is launched, and torch CPU threads."""
+
     max_retries: int = 2  # a run that raised is tried again this many times
     max_lost: int = 5  # ... and taken over from dead workers this many times
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
@@ -360,6 +363,7 @@ def run_subprocess_workers(sweep_dir: Path, opts: WorkerOptions, n: int,
 
 
 def local_gpus() -> list[str]:
+    """The GPU ids a local-gpus executor may use: CUDA_VISIBLE_DEVICES, else every visible device."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
         return [d.strip() for d in visible.split(",") if d.strip()]
