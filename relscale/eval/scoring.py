@@ -5,8 +5,8 @@ same model on the same data gives the same log-likelihoods to fp32 rounding:
 
 Start tokens (:class:`StartTokens`, ``--start-token``)
     ``auto`` (default, as lm-eval): every tokenised context and document gets the special tokens
-    the tokenizer itself prepends (its post-processor, or ``add_bos_token`` in
-    tokenizer_config.json; Llama: BOS, Qwen3 base and our exports: nothing). ``bos`` / ``eos``:
+    the tokenizer itself prepends (as transformers' tokenizer does when it is installed, else
+    tokenizer.json's post-processor; Llama: BOS, Qwen3 base and our exports: nothing). ``bos`` / ``eos``:
     that one token is prepended; ``none``: nothing. A document (rolling log-likelihood) or an
     empty context is always predicted from one *prefix* token -- lm-eval's ``prefix_token_id``:
     the BOS if the tokenizer has one, else the EOS (``bos``/``eos``: that token) -- so its first
@@ -100,8 +100,9 @@ def resolve_start(
     token string or integer id (prepended like ``bos``).
 
     ``bos_id``/``eos_id``: the tokenizer's configured BOS/EOS (None if it has none); ``add_bos``:
-    tokenizer_config.json's ``add_bos_token`` when set there (it overrides the post-processor,
-    as transformers does), else None. Raises ConfigError naming the missing token."""
+    whether the tokenizer prepends its BOS when known (transformers' answer, see
+    :func:`hf_special_tokens`), else None: the post-processor decides. Raises ConfigError naming
+    the missing token."""
     policy = "auto" if policy is None else str(policy)
 
     def text_of(token_id: int) -> str:
@@ -140,12 +141,35 @@ def resolve_start(
     return StartTokens(f"token:{policy}", (token_id,), token_id, text_of(token_id))
 
 
+def _transformers_adds_bos(model_dir, bos_id: int | None) -> bool | None:
+    """Whether transformers' tokenizer for ``model_dir`` prepends the BOS (what lm-eval's HF model
+    uses): True / False, or None when transformers is missing or cannot load it. Whether
+    ``add_bos_token`` counts depends on the tokenizer class (Llama's honours it, the generic
+    PreTrainedTokenizerFast follows tokenizer.json's post-processor), so it is asked, not guessed."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        plain = tok("a b", add_special_tokens=False)["input_ids"]
+        special = tok("a b")["input_ids"]
+    except Exception:  # noqa: BLE001 -- any loading problem: fall back to the post-processor
+        return None
+    if special == plain:
+        return False
+    if bos_id is not None and special == [bos_id, *plain]:
+        return True
+    return None
+
+
 def hf_special_tokens(model_dir, tokenizer) -> tuple[int | None, int | None, bool | None]:
-    """(bos_id, eos_id, add_bos_token) of a Hugging Face checkpoint directory, as transformers'
+    """(bos_id, eos_id, adds_bos) of a Hugging Face checkpoint directory, as transformers'
     tokenizer sees them: ``bos_token``/``eos_token`` of tokenizer_config.json (else
     special_tokens_map.json); the EOS falls back to config.json's ``eos_token_id``; a BOS only
     from the tokenizer files (Qwen3 base has none, so lm-eval's prefix token is its EOS).
-    ``add_bos_token``: tokenizer_config.json's value when it sets one, else None."""
+    ``adds_bos``: whether transformers' tokenizer prepends the BOS (asked when transformers is
+    installed), else None: then tokenizer.json's post-processor decides."""
     from pathlib import Path
 
     model_dir = Path(model_dir)
@@ -179,8 +203,8 @@ def hf_special_tokens(model_dir, tokenizer) -> tuple[int | None, int | None, boo
     if eos_id is None:
         eos = config.get("eos_token_id")
         eos_id = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
-    add_bos = tok_config.get("add_bos_token")
-    return token_id("bos_token"), eos_id, add_bos if isinstance(add_bos, bool) else None
+    bos_id = token_id("bos_token")
+    return bos_id, eos_id, _transformers_adds_bos(model_dir, bos_id)
 
 
 def as_start(start: StartTokens | int) -> StartTokens:

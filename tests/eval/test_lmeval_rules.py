@@ -293,3 +293,25 @@ def test_mc_dump_rows_carry_prompt_and_paper_metrics(tmp_path, model_dir):
     assert row.choice_prob_norm == pytest.approx(np.exp(per_byte[2]) / np.exp(per_byte).sum())
     assert row.nll == -logprobs[2] and row.n_bytes == len(" peace trade")
     assert row.bpb == pytest.approx(row.nll / (np.log(2) * row.n_bytes))
+
+
+@pytest.mark.parametrize("post_processor", [False, True])
+def test_auto_asks_transformers_whether_the_bos_is_added(tmp_path, bpe, post_processor):
+    """The generic PreTrainedTokenizerFast ignores add_bos_token and follows tokenizer.json's
+    post-processor; relscale's `auto` follows whatever transformers (so lm-eval) does."""
+    pytest.importorskip("transformers", reason="transformers is not installed (extra: relscale[interop])")
+    from tokenizers import Tokenizer, processors
+
+    from relscale.eval.scoring import hf_special_tokens
+
+    tok = Tokenizer.from_str(bpe.to_str())
+    bos = tok.token_to_id("<s>")
+    if post_processor:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|endoftext|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    bos_id, eos_id, adds_bos = hf_special_tokens(tmp_path, tok)
+    assert (bos_id, eos_id, adds_bos) == (bos, tok.token_to_id("<|endoftext|>"), post_processor)
+    start = resolve_start(tok, "auto", bos_id=bos_id, eos_id=eos_id, add_bos=adds_bos)
+    assert start.prefix == ((bos,) if post_processor else ())
