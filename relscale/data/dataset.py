@@ -71,24 +71,28 @@ class TokenStream:
 
 
 class PreparedData:
-    """A prepared data folder. Opening checks every file's size; verify=True also checks sha256."""
+    """A prepared data folder (layout: relscale.data.layout), read-only.
+
+    Opening reads the manifest and checks every file's size against it; ``verify=True`` also
+    checks each sha256. Raises DataError naming the file (missing, truncated, corrupted) or the
+    manifest key. Shards are memory-mapped on demand; nothing is loaded eagerly."""
 
     def __init__(self, data_dir: str | Path, verify: bool = False):
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
         try:
             self.dtype = np.dtype(self.manifest["dtype"])
-            self.eos_id = int(self.manifest["eos_id"])
-            self.vocab_size = int(self.manifest["vocab_size"])
-            self.group_fields = list(self.manifest["group_fields"])
+            self.eos_id = layout.eos_id(self.manifest, self.data_dir)
+            self.vocab_size = layout.vocab_size(self.manifest, self.data_dir)
+            self.group_fields = layout.group_fields(self.manifest, self.data_dir)
             self.extra_fields = list(self.manifest["extra_fields"])
             self._splits = self.manifest["splits"]
         except KeyError as error:
-            raise DataError(f"{self.data_dir / MANIFEST}: missing key {error}") from error
+            raise DataError(f"{layout.manifest_path(self.data_dir)}: missing key {error}") from error
         try:
             self._check_sizes()
         except (KeyError, TypeError) as error:  # a manifest edited by hand or cut short
-            raise DataError(f"{self.data_dir / MANIFEST}: malformed split or file record "
+            raise DataError(f"{layout.manifest_path(self.data_dir)}: malformed split or file record "
                             f"({type(error).__name__}: {error})") from error
         if verify:
             self.verify()
@@ -109,7 +113,7 @@ class PreparedData:
                 expected = shard["n_tokens"] * self.dtype.itemsize
                 if shard["bytes"] != expected:
                     raise DataError(
-                        f"{self.data_dir / MANIFEST}: shard {split}/{shard['file']} records "
+                        f"{layout.manifest_path(self.data_dir)}: shard {split}/{shard['file']} records "
                         f"{shard['bytes']} bytes for {shard['n_tokens']} {self.dtype} tokens"
                     )
         for path, record in self._files():
