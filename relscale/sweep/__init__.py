@@ -33,6 +33,7 @@ _EXPORTS = {
     "sweep_runs": "relscale.sweep.layout",
     "finished_runs": "relscale.sweep.layout",
     "read_results": "relscale.sweep.layout",
+    "run_train_config": "relscale.sweep.layout",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -132,6 +132,19 @@ def sweep_runs(sweep_dir: str | Path, *, lease_timeout_s: float = DEFAULT_LEASE_
     return runs
 
 
+def run_train_config(sweep_dir: str | Path, run_id: str):
+    """The full, validated TrainConfig (relscale.config) a run of the sweep trains with, with
+    ``out_dir`` set to its run folder: the listing's base config plus the run's overrides.
+
+    Needs the run listing; KeyError if the sweep has no run ``run_id``, RelscaleError naming the
+    file if the listing is unreadable."""
+    from relscale.sweep.registry import Sweep
+
+    sweep = Sweep(sweep_dir)
+    record = sweep.record(run_id)
+    return sweep.train_config(record, sweep.run_dir(record))
+
+
 def finished_runs(sweep_dir: str | Path, statuses: tuple[str, ...] = (DONE,)) -> list[SweepRun]:
     """The runs whose terminal state is in ``statuses``: first those of the results index (in its
     order), then those only the marks know yet (sorted by run id).

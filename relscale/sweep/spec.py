@@ -140,7 +140,8 @@ class SweepConfig:
     per training sequence. ``vocab_size``: None reads each dataset's prepared vocabulary. Widths
     (``width``) are multiples of ``head_dim``; heads = hidden / head_dim; the SwiGLU inner size is
     ``mlp_ratio`` x hidden. ``target_steps`` bounds the steps the batch rule aims at. Rules follow
-    Marin's IsoFLOP sweeps (marin-community/marin, ``isoflop_sweep``). :meth:`validate` raises
+    Marin's IsoFLOP sweeps (marin-community/marin, experiments/isoflop_sweep.py; see
+    relscale.sweep.grid). :meth:`validate` raises
     ConfigError naming the key.
     """
 

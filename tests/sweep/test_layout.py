@@ -32,6 +32,8 @@ def test_sweep_runs_lists_every_run_with_its_state(tmp_path):
     assert runs[0].row["final_val_loss"] == 2.0 and runs[0].row["status"] == "done"  # the results row
     assert runs[3].row == sweep.records[3].row  # the grid row while unfinished
     assert running.lease.run_id == runs[2].run_id
+    train = layout.run_train_config(sweep.root, runs[3].run_id)  # the config values the run trains with
+    assert train.steps == runs[3].row["steps"] and train.out_dir == str(runs[3].run_dir)
 
 
 def test_finished_runs_joins_index_and_new_marks(tmp_path):
