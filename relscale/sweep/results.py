@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from relscale.atomic import atomic_write
 from relscale.errors import DataError
-from relscale.sweep.layout import MARKS_DIR, RESULTS_INDEX, TERMINAL, parse_mark_name
+from relscale.sweep.layout import MARKS_DIR, RESULTS_INDEX, RUNS_DIR, TERMINAL, parse_mark_name
 from relscale.sweep.registry import Sweep, _listdir, _unlink, create_exclusive
 
 INDEX_FILE = RESULTS_INDEX
@@ -86,7 +86,7 @@ def result_row(sweep: Sweep, run_id: str, status: str, result: dict[str, Any] | 
         wall_s=wall_s,
         gpu_hours=0.0 if math.isnan(wall_s) else wall_s * gpus / 3600.0,
         status=status,
-        run_dir=os.path.join("runs", record.folder),
+        run_dir=os.path.join(RUNS_DIR, record.folder),
     )
     return row
 
