@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from relscale.errors import RelscaleError
+from relscale.errors import ConfigError, RelscaleError
 
 from .diagnostics import FitWarning
 from .io import METRICS, TRANSFORMS
@@ -111,7 +111,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a folder with results")
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flag values no fit can use (ConfigError naming the flag: exit 2, one line)."""
+    if not 0 < args.level < 1:
+        raise ConfigError(f"--level {args.level}: the interval level must lie strictly between 0 and 1")
+    if args.n_boot < 1:
+        raise ConfigError(f"--n-boot {args.n_boot}: at least one bootstrap draw is needed")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_flags(args)
     columns = {
         ("model_id" if role == "model" else role): getattr(args, f"{role}_col")
         for role in ("params", "tokens", "flops", "loss", "group", "model", "budget")

@@ -285,12 +285,8 @@ CASES = [
     Case("fit-n-boot-0", ["fit", "{W}/evals", "--n-boot", "0", "--out", "{W}/fit"], "--n-boot"),
 ]
 
-# Cases that fail today because the fix belongs to another room's file (see requests.md).
+# Cases that fail today because the fix belongs to another part of the code (strict xfail).
 PENDING: dict[str, tuple[str, str]] = {
-    "eval-model-bad-config": ("eval", "an unreadable final/config.json is reported as 'not a model ... "
-                              "folder' instead of naming config.json and the JSON error"),
-    "fit-level-out-of-range": ("fit", "--level 2 is accepted (exit 0); refuse a level outside (0, 1)"),
-    "fit-n-boot-0": ("fit", "--n-boot 0 is accepted (exit 0); refuse fewer than 1 bootstrap draw"),
 }
 
 
