@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from relscale.eval.writer import (  # eval: is_finished_dump
     write_dump,
 )
 from relscale.model_io import CONFIG, FORMAT, WEIGHTS, load_model, read_model_config, read_model_tokenizer
+from relscale.sweep.layout import is_sweep_dir
 
 FINAL = "final"
 CHECKPOINTS = "checkpoints"
@@ -116,26 +116,9 @@ def _run_entries(
 
 def _sweep_runs(sweep_dir: Path) -> list[tuple[str, Path, dict]]:
     """(run id, run dir, index columns) of the finished runs of a sweep, in index order."""
-    import pyarrow.parquet as pq
+    from relscale.sweep.layout import finished_runs
 
-    runs: dict[str, tuple[Path, dict]] = {}
-    index = sweep_dir / "results.parquet"
-    if index.is_file():
-        for row in pq.read_table(index).to_pylist():
-            if row.get("status") == DONE:
-                runs[row["run_id"]] = (sweep_dir / (row.get("run_dir") or f"runs/{row['run_id']}"), row)
-    marks = sweep_dir / "marks"
-    if marks.is_dir():  # finished runs the cached index does not list yet
-        for mark in sorted(marks.glob(f"*.{DONE}")):
-            run_id = mark.name[: -len(DONE) - 1]
-            if run_id in runs or mark.name.startswith("."):
-                continue
-            try:
-                row = json.loads(mark.read_text()).get("row") or {}
-            except (OSError, json.JSONDecodeError):
-                row = {}
-            runs[run_id] = (sweep_dir / (row.get("run_dir") or f"runs/{run_id}"), row)
-    return [(run_id, run_dir, row) for run_id, (run_dir, row) in runs.items()]
+    return [(run.run_id, run.run_dir, run.row) for run in finished_runs(sweep_dir)]
 
 
 def _hub_entry(repo: Path, required: bool = False) -> ModelEntry | None:
@@ -185,7 +168,7 @@ def discover_models(paths: list[str | Path], *, checkpoints: bool = False) -> li
             entries.append(ModelEntry("hf", path, hf.model_name(path)))  # eval-hf: hub snapshots by repo
         elif hf.is_hub_repo(path):  # eval-hf: a repository folder of the Hugging Face cache
             entries.append(_hub_entry(path, required=True))
-        elif (path / "results.parquet").is_file() or (path / "marks").is_dir():
+        elif is_sweep_dir(path):
             runs = _sweep_runs(path)
             if not runs:
                 raise DataError(f"{path}: sweep directory with no finished runs")
@@ -311,22 +294,19 @@ def load_weights(entry: ModelEntry, cfg: ModelConfig, device: torch.device) -> t
 
 def load_dcp_model(path: Path, cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The model weights of a trainer checkpoint (saved as ``{"model": ..., "optim": ...}``)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-
     from relscale.model import Transformer
+    from relscale.train.checkpoint import load_dcp_state, read_checkpoint_metadata
 
     model = Transformer(cfg)
     state = model.state_dict()
-    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    # restricted unpickler: a planted pickle in .metadata is refused (DataError), never run
+    saved = read_checkpoint_metadata(path).state_dict_metadata
     wanted = {k: v for k, v in state.items() if f"model.{k}" in saved}
     tied = {"output.weight"} if cfg.tie_embeddings else set()
     missing = sorted(set(state) - set(wanted) - tied)
     if missing:
         raise DataError(f"{path}: checkpoint lacks model weights {missing[:6]}")
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": wanted}, checkpoint_id=str(path))  # in place, into the model's tensors
+    load_dcp_state(path, {"model": wanted})  # in place, into the model's tensors; checksums verified
     return model.to(device)
 
 

@@ -90,8 +90,6 @@ def test_non_tensor_values_load_with_weights_only(tmp_path, tiny_run):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="FOR eval: relscale/eval/runner.py load_dcp_model must read through "
-                   "relscale.train.checkpoint.read_checkpoint_metadata/load_dcp_state (requests.md)")
 def test_eval_refuses_planted_metadata(tmp_path, tiny_run, cli):
     run = copy_run(tiny_run, tmp_path / "run", keep_result=True)
     marker = tmp_path / "marker"

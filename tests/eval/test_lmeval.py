@@ -270,6 +270,7 @@ def test_a_sweep_model_is_picked_with_run(tmp_path, bpe):
 
     from relscale.errors import ConfigError
     from relscale.eval.lmeval import RelscaleLM
+    from relscale.sweep.results import SCHEMA
 
     tok_path = tmp_path / "tokenizer.json"
     bpe.save(str(tok_path))
@@ -277,7 +278,8 @@ def test_a_sweep_model_is_picked_with_run(tmp_path, bpe):
     for seed, run_id in enumerate(("a", "b")):
         _save_tiny(sweep / "runs" / run_id / "final", bpe, seed)
     rows = [{"run_id": r, "status": "done", "run_dir": f"runs/{r}", "budget": 1e15} for r in ("a", "b")]
-    pq.write_table(pa.Table.from_pylist(rows), sweep / "results.parquet")
+    # the sweep's results index (relscale.sweep.results.SCHEMA; unnamed columns are null)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), sweep / "results.parquet")
     with pytest.raises(ConfigError, match=r"2 models match \(a, b\); pick one with run=ID"):
         RelscaleLM(pretrained=str(sweep), tokenizer=str(tok_path))
     lm = RelscaleLM(pretrained=str(sweep), tokenizer=str(tok_path), run="b")

@@ -287,8 +287,6 @@ def test_fit_reads_a_sweep_whose_index_is_corrupted(tmp_path):
     assert len(data.frame) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="FOR eval: relscale/eval/runner.py _sweep_runs must read the index "
-                   "through relscale.sweep.results.read_index (requests.md)")
 def test_eval_lists_a_sweep_whose_index_is_corrupted(tmp_path):
     from relscale.eval.runner import _sweep_runs
 
