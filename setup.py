@@ -112,6 +112,8 @@ setup(
     python_requires=">=3.11",
     packages=PACKAGES,
     package_dir={"relscale.kernels": "kernels"},
+    # the shipped train and sweep configs (`relscale train tiny`, `relscale grid --preset marin`)
+    package_data={"relscale": ["configs/*.toml", "configs/sweeps/*.toml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -1,6 +1,7 @@
 """Typed, validated configs: model, data, optimiser, training run.
 
-Configs are TOML files (``configs/*.toml``) whose tables mirror the dataclasses below, plus
+Configs are TOML files whose tables mirror the dataclasses below (the shipped ones live in the
+package, ``relscale/configs/*.toml``, and are named without a path: ``tiny``), plus
 ``key=value`` overrides on the command line (``model.hidden=128``). Unknown keys, wrong types and
 impossible shapes are rejected with a :class:`ConfigError` that names the key, so a typo never
 silently trains the wrong model.
@@ -403,7 +404,37 @@ def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The configs shipped with relscale: train configs here, sweep configs in ``sweeps/``."""
+
+
+def packaged_configs(kind: str = "train") -> dict[str, Path]:
+    """Name -> path of the configs shipped with relscale; ``kind`` is "train" or "sweep"."""
+    if kind not in ("train", "sweep"):
+        raise ValueError(f"kind: {kind!r} must be 'train' or 'sweep'")
+    folder = PACKAGED_CONFIGS / "sweeps" if kind == "sweep" else PACKAGED_CONFIGS
+    return {path.stem: path for path in sorted(folder.glob("*.toml"))}
+
+
+def resolve_config(spec: str | Path, kind: str = "train") -> Path:
+    """The TOML file a config argument names: an existing file as it is, else the shipped config
+    of that name (``tiny`` -> ``relscale/configs/tiny.toml``; for ``kind="sweep"`` the folder
+    ``relscale/configs/sweeps``), so ``relscale train tiny`` works in any directory.
+
+    Raises ConfigError naming the argument and the shipped names when it is neither."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    known = packaged_configs(kind)
+    if path.name == str(spec) and path.stem in known and path.suffix in ("", ".toml"):
+        return known[path.stem]
+    raise ConfigError(
+        f"{spec}: config file not found (a TOML path, or a shipped {kind} config: {', '.join(known)})"
+    )
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """The tables of TOML file ``path``; ConfigError naming the file when missing or invalid."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -416,9 +447,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 def load_train_config(
     path: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
 ) -> TrainConfig:
-    """Load a TrainConfig from a TOML file (or defaults) plus ``key=value`` overrides, validated."""
+    """Load a TrainConfig from a TOML file (or defaults) plus ``key=value`` overrides, validated.
+
+    ``path``: a TOML file, or the name of a shipped config (:func:`resolve_config`); ``base``: a
+    config dict the file and overrides are merged onto. Raises ConfigError naming the file and key."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
+        path = resolve_config(path, "train")
         data = merge(data, read_toml(path))
     data = merge(data, parse_overrides(overrides))
     where = str(path) if path is not None else "config"

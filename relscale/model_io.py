@@ -1,8 +1,10 @@
 """Final weights on disk: one safetensors file plus the model config (JSON), loadable without
 torch.distributed, and readable by anything that reads safetensors.
 
-Layout of a model directory (``<run>/final``), every path in it relative to the folder so the
-folder (or the run folder around it) can be moved or copied and still evaluates::
+Layout of a model directory (``<run>/final``; the names are part of the run-folder contract,
+:mod:`relscale.train.run_dir`, which also reads config.json and the tokenizer without torch),
+every path in it relative to the folder so the folder (or the run folder around it) can be moved
+or copied and still evaluates::
 
     model.safetensors   state dict of relscale.model.Transformer (tied weights stored once)
     tokenizer.json      the tokenizer the model was trained with (a copy of the prepared data's)
@@ -10,9 +12,10 @@ folder (or the run folder around it) can be moved or copied and still evaluates:
                          "tokenizer": {"file": "tokenizer.json", "eos_id": 0}}
 
 ``meta`` carries what evaluation and fitting need to know about the run: training tokens,
-FLOPs in both conventions, sequence length, the prepared-data directory (where the held-out
-split lives). ``tokenizer`` is absent for folders written before the tokenizer was stored, or
-without one; readers then fall back to the prepared data named by ``meta["data_path"]``.
+FLOPs in both conventions, sequence length, and ``data_path``: where the prepared data was when
+the model was trained, a hint for finding its held-out split. Loading the weights or the
+tokenizer never needs it. ``tokenizer`` is absent for folders written before the tokenizer was
+stored, or without one; readers then fall back to the prepared data named by ``data_path``.
 ``config.json`` is written last: a folder with a config is complete.
 """
 
@@ -32,11 +35,12 @@ from relscale.atomic import atomic_write, atomic_write_text
 from relscale.config import ModelConfig, model_config_from_dict, to_dict
 from relscale.errors import DataError
 from relscale.model import Transformer
+from relscale.train import run_dir
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
-FORMAT = "relscale-model"
+WEIGHTS = run_dir.WEIGHTS
+CONFIG = run_dir.MODEL_CONFIG
+TOKENIZER = run_dir.TOKENIZER
+FORMAT = run_dir.MODEL_FORMAT
 
 
 def _data_tokenizer(data_path: str | Path) -> tuple[Path, int | None]:
@@ -93,17 +97,7 @@ def save_model(
 
 
 def _read_config(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / CONFIG
-    if not path.is_file():
-        raise DataError(f"{path}: no model config (expected a directory written by relscale train)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        got = config.get("format") if isinstance(config, dict) else None
-        raise DataError(f"{path}: not a relscale model config (format={got!r})")
-    return config
+    return run_dir.read_model_folder_config(model_dir)
 
 
 def read_model_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -119,22 +113,9 @@ def read_model_tokenizer(model_dir: str | Path) -> tuple[Path, int | None] | Non
     stores none (written before tokenizers were stored, or without one).
 
     The path in config.json is relative to ``model_dir`` and must stay inside it; raises
-    DataError naming the file when config.json names a tokenizer that is missing or outside."""
-    model_dir = Path(model_dir)
-    entry = _read_config(model_dir).get("tokenizer")
-    if entry is None:
-        return None
-    where = model_dir / CONFIG
-    name = entry.get("file") if isinstance(entry, dict) else None
-    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise DataError(f"{where}: tokenizer.file={name!r} must be a file name inside {model_dir}")
-    path = model_dir / name
-    if not path.is_file():
-        raise DataError(f"{path}: tokenizer file named by {where} is missing")
-    eos_id = entry.get("eos_id")
-    if eos_id is not None and (not isinstance(eos_id, int) or isinstance(eos_id, bool)):
-        raise DataError(f"{where}: tokenizer.eos_id={eos_id!r} is not a token id")
-    return path, eos_id
+    DataError naming the file when config.json names a tokenizer that is missing or outside.
+    Same as the torch-free :func:`relscale.train.run_dir.model_tokenizer`."""
+    return run_dir.model_tokenizer(model_dir)
 
 
 def tokenizer_key(path: str | Path) -> str:

@@ -25,7 +25,9 @@
   narrow end (at 1e11 d=32 wins clearly; at 3e10 d=32..96 are within 0.02 nats): an optimum
   inside the width range needs ~10x larger budgets, i.e. tens of minutes on this CPU.
 
-configs/sweeps/marin.toml and configs/sweeps/tiny.toml spell out the same configs.
+The shipped presets exist once, as TOML in the package (``relscale/configs/sweeps/marin.toml``,
+``tiny.toml``, commented key by key); :func:`marin` and :func:`tiny` load those files.
+``gpu-small`` (the GPU shape of :func:`preset_for_hardware`) is defined here only.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import math
 import time
 from collections.abc import Callable
 
-from relscale.config import DataConfig, ModelConfig, OptimConfig, RopeScalingConfig, TrainConfig
+from relscale.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from relscale.errors import ConfigError
 from relscale.sweep.spec import (
     BatchRule,
@@ -45,7 +47,6 @@ from relscale.sweep.spec import (
     LRRule,
     SweepConfig,
     WidthRule,
-    WidthStep,
 )
 
 DEFAULT_DATA = "relscale_data/sotu"
@@ -59,46 +60,17 @@ def _marin_optim() -> OptimConfig:
                        schedule="wsd_levanter", warmup=0.1, decay=0.2, min_lr_ratio=0.0)
 
 
-MARIN_ROPE_SCALING = RopeScalingConfig(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                       original_max_position_embeddings=8192)
-"""Levanter's ``Llama3RotaryEmbeddingsConfig()`` defaults, as the released checkpoints export them."""
+def _shipped(name: str) -> SweepConfig:
+    """The validated sweep config shipped as ``relscale/configs/sweeps/<name>.toml``."""
+    from relscale.config import packaged_configs
+    from relscale.sweep.spec import load_sweep_config
+
+    return load_sweep_config(packaged_configs("sweep")[name])
 
 
 def marin() -> SweepConfig:
-    train = TrainConfig(
-        model=ModelConfig(qk_norm=True, tie_embeddings=False, rope_theta=500000.0,
-                          rope_scaling=copy.deepcopy(MARIN_ROPE_SCALING), norm_eps=1e-5),
-        data=DataConfig(seq_len=4096),
-        optim=_marin_optim(),
-        seed=0,
-        ckpt_interval=1000,
-        eval_interval=0,
-        eval_tokens=2**21,  # 512 held-out windows of 4096 tokens for every run
-        log_interval=100,
-        progress=False,
-    )
-    return SweepConfig(
-        name="marin",
-        budgets=[1e18, 3e18, 6e18, 1e19, 3e19, 6e19, 1e20],
-        flop_convention="marin",
-        flop_tolerance=0.01,
-        seq_len=4096,
-        vocab_size=128256,  # the Llama-3 / marin tokenizer
-        head_dim=128,
-        mlp_ratio=4,
-        target_steps=2**16,
-        width=WidthRule(min=512, max=4096, step=256, by_budget=[WidthStep(max_budget=9e18, step=128)]),
-        depth=DepthRule(rule="marin", base=64.0, scale=4.0, offset=9.0),
-        batch=BatchRule(rule="marin", min=8, max_micro_batch=16, gpus_per_run=1),
-        lr=LRRule(rule="marin", constant=0.33, max=0.01),
-        beta2=Beta2Rule(rule="marin", base=0.98, divisor=128.0),
-        datasets=[
-            DatasetSpec(name="nemotron", path="relscale_data/nemotron-cc"),
-            DatasetSpec(name="comma", path="relscale_data/common-pile-comma"),
-            DatasetSpec(name="dclm", path="relscale_data/dclm-baseline"),
-        ],
-        train=train,
-    )
+    """Marin's IsoFLOP sweep (see the module docstring), from the shipped ``marin.toml``."""
+    return _shipped("marin")
 
 
 def _small_train(seq_len: int, ckpt_interval: int) -> TrainConfig:
@@ -116,35 +88,21 @@ def _small_train(seq_len: int, ckpt_interval: int) -> TrainConfig:
 
 
 def tiny() -> SweepConfig:
-    """Marin's rule at CPU scale: widths 32..128 (head dim 16), sequences of 128, budgets measured
-    to make the whole sweep a few minutes on 2 cores. The depth formula keeps Marin's slope with
-    a smaller base (16) so the narrowest models still get a layer or two; the LR cap is raised
-    to 0.03 since tiny models train stably at higher rates and Marin's 0.01 would leave no batch
-    >= 1 for the narrow widths; the minimum batch is one sequence so every budget has 4 widths."""
-    return SweepConfig(
-        name="tiny",
-        budgets=[1e10, 3e10, 1e11],
-        flop_convention="marin",
-        flop_tolerance=0.01,
-        seq_len=128,
-        vocab_size=None,  # from the prepared data (4096 for the default corpus)
-        head_dim=16,
-        mlp_ratio=4,
-        target_steps=64,
-        width=WidthRule(min=32, max=128, step=32),
-        depth=DepthRule(rule="marin", base=16.0, scale=4.0, offset=9.0, min_layers=1),
-        batch=BatchRule(rule="marin", min=1, max_micro_batch=0, gpus_per_run=1),
-        lr=LRRule(rule="marin", constant=0.33, max=0.03),
-        beta2=Beta2Rule(rule="marin", base=0.98, divisor=128.0),
-        datasets=[DatasetSpec(name="sotu", path=DEFAULT_DATA)],
-        train=_small_train(128, ckpt_interval=50),
-    )
+    """Marin's rule at CPU scale, from the shipped ``tiny.toml``: widths 32..128 (head dim 16),
+    sequences of 128, budgets measured to make the whole sweep a few minutes on 2 cores. The depth
+    formula keeps Marin's slope with a smaller base (16) so the narrowest models still get a layer
+    or two; the LR cap is raised to 0.03 since tiny models train stably at higher rates and Marin's
+    0.01 would leave no batch >= 1 for the narrow widths; the minimum batch is one sequence so
+    every budget has 4 widths."""
+    return _shipped("tiny")
 
 
 PRESETS: dict[str, Callable[[], SweepConfig]] = {"marin": marin, "tiny": tiny}
 
 
 def get_preset(name: str) -> SweepConfig:
+    """The validated sweep preset ``name`` (``marin``, ``tiny``); ConfigError naming ``--preset``
+    and the known names otherwise."""
     if name not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
     cfg = PRESETS[name]()

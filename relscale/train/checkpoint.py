@@ -1,6 +1,7 @@
 """Resumable checkpoints with torch.distributed.checkpoint (DCP).
 
-Layout: ``out_dir/checkpoints/step_0000100/`` holds the DCP files of the model and optimizer
+Layout (named in :mod:`relscale.train.run_dir`, the torch-free contract readers use):
+``out_dir/checkpoints/step_0000100/`` holds the DCP files of the model and optimizer
 (sharded: every rank writes its own shards; a plain single process writes them all), plus
 ``trainer_rank<r>.pt`` per rank (step, data-loader position, RNG states) and ``checkpoint.json``
 (step, config fingerprint, and the size and sha256 of every other file of the folder). A
@@ -22,7 +23,6 @@ import hashlib
 import io
 import json
 import pickle
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -38,10 +38,12 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from relscale.errors import ConfigError, DataError
+from relscale.train import run_dir
 from relscale.train.parallel import DistEnv, barrier
+from relscale.train.run_dir import CHECKPOINT_META as META
+from relscale.train.run_dir import STEP_DIR
+from relscale.train.run_dir import read_checkpoint_meta as read_meta
 
-STEP_DIR = re.compile(r"^step_(\d{7,})$")
-META = "checkpoint.json"
 _HASH_CHUNK = 1 << 20
 
 
@@ -211,21 +213,20 @@ def load_dcp_state(path: str | Path, state: dict[str, Any], *, verify: bool = Tr
 
 
 def checkpoint_root(out_dir: Path) -> Path:
-    return Path(out_dir) / "checkpoints"
+    """``out_dir/checkpoints`` (see :func:`relscale.train.run_dir.checkpoints_dir`)."""
+    return run_dir.checkpoints_dir(out_dir)
 
 
 def step_dir(out_dir: Path, step: int) -> Path:
-    return checkpoint_root(out_dir) / f"step_{step:07d}"
+    """``out_dir/checkpoints/step_XXXXXXX`` (see :func:`relscale.train.run_dir.step_dir`)."""
+    return run_dir.step_dir(out_dir, step)
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The complete checkpoint of the highest step, or None."""
-    root = checkpoint_root(out_dir)
-    if not root.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    found = [(step, p) for step, p in found if (p / META).is_file()]
-    return max(found)[1] if found else None
+    """The folder of the complete checkpoint of the highest step, or None (see
+    :func:`relscale.train.run_dir.latest_checkpoint`, which also gives the step)."""
+    info = run_dir.latest_checkpoint(out_dir)
+    return None if info is None else info.path
 
 
 @contextlib.contextmanager
@@ -238,6 +239,7 @@ def _quiet_single_process(env: DistEnv):
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states: ``{"cpu": ByteTensor}`` plus ``"cuda"`` on a CUDA device."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -245,6 +247,7 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore RNG states saved by :func:`rng_state` (the CUDA one only on a CUDA device)."""
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -318,17 +321,6 @@ def _save_error(folder: Path, err: CheckpointException) -> BaseException:
         return OSError(errno.ENOSPC, f"no space left on device: {folder}")
     first = causes[0] if causes else err
     return RuntimeError(f"{folder}: writing the checkpoint failed ({type(first).__name__}: {first})")
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """checkpoint.json of a checkpoint folder; DataError naming the file when unreadable."""
-    try:
-        meta = json.loads((path / META).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path / META}: unreadable checkpoint metadata ({err})") from err
-    if not isinstance(meta, dict):
-        raise DataError(f"{path / META}: unreadable checkpoint metadata (not a JSON object)")
-    return meta
 
 
 def load_checkpoint(

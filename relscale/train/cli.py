@@ -1,13 +1,26 @@
-"""``relscale train CONFIG [key=value ...] [--resume] [--threads N]`` (also ``python -m relscale.train``)."""
+"""``relscale train CONFIG [key=value ...] [--resume] [--threads N]`` (also ``python -m relscale.train``).
+
+CONFIG is a TOML file or the name of a config shipped with relscale (``tiny``, ``small-gpu``).
+This command layer, not the trainer, attaches relscale.eval's per-example dump hook when the
+config sets ``dump_steps`` (the trainer itself never imports relscale.eval).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relscale.config import TrainConfig
+    from relscale.train.loop import OnStep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a TOML train config, e.g. configs/tiny.toml")
+    """Add the ``relscale train`` arguments to ``parser``."""
+    parser.add_argument(
+        "config", help="a TOML train config (a path), or the name of a packaged one: tiny, small-gpu",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
         help="config overrides, e.g. model.hidden=128 optim.lr=1e-3 out_dir=runs/x",
@@ -36,13 +49,38 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def dump_hook_for(cfg: TrainConfig, world_size: int | None = None) -> OnStep | None:
+    """relscale.eval's ``on_step`` hook writing per-example dumps of ``cfg.dump_eval`` at
+    ``cfg.dump_steps`` into ``<out_dir>/evals`` (model id ``<run>@step_<step>``), or None when
+    ``cfg.dump_steps`` is empty (relscale.eval is then not imported).
+
+    ``world_size``: processes training together (default: $WORLD_SIZE, else 1); with
+    micro_batch, grad_accum and seq_len it gives the tokens column of each dump."""
+    if not cfg.dump_steps:
+        return None
+    from pathlib import Path
+
+    from relscale.eval import make_dump_hook
+    from relscale.train import run_dir
+
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return make_dump_hook(
+        cfg.dump_eval, run_dir.evals_dir(cfg.out_dir), cfg.dump_steps, data_path=cfg.data.path,
+        run_id=Path(cfg.out_dir).name, seq_len=cfg.data.seq_len,
+        tokens_per_step=cfg.micro_batch * cfg.grad_accum * world_size * cfg.data.seq_len,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    """Run ``relscale train`` as parsed by :func:`add_arguments`; returns the exit status (0)."""
     from relscale.config import load_train_config
     from relscale.train import train
 
     set_threads(getattr(args, "threads", None))
     cfg = load_train_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    dump = dump_hook_for(cfg)
+    result = train(cfg, resume=args.resume, on_step=[dump] if dump is not None else None)
     if int(os.environ.get("RANK", 0)) == 0:
         val = "n/a" if result.final_val_loss is None else f"{result.final_val_loss:.4f}"
         print(

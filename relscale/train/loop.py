@@ -3,7 +3,9 @@
 Per optimizer step: ``grad_accum`` micro-batches per rank (global batch = micro_batch x
 grad_accum x world size sequences), loss averaged over the global batch, gradient clipping on
 the global norm, the optimizer (``optim.name``: AdamW or C-AdamC, relscale.train.optim), then
-(in this order) the ``on_step`` hook, metrics, validation and checkpoints. A non-finite loss or
+(in this order) the ``on_step`` hooks, metrics, validation and checkpoints. The trainer knows
+nothing about evaluation: callers that want per-example dumps during training (``relscale train``,
+the sweep workers) pass relscale.eval's dump hook as an ``on_step`` hook. A non-finite loss or
 gradient norm stops the run *before* the optimizer step, so the weights and the last checkpoint
 stay good; a non-finite validation loss ends it as diverged too, before any checkpoint of those
 weights. Validation measures a fixed set of held-out windows (``eval_tokens``), the same for
@@ -12,10 +14,11 @@ every batch layout and world size.
 A run holds ``out_dir/.lock`` (:func:`out_dir_lock`): a second trainer on the same out_dir
 refuses to start (OutDirInUse) instead of overwriting the first's files.
 
-Outputs in ``out_dir`` (rank 0 writes them; every rank writes its checkpoint shards):
-``metrics.jsonl`` (one JSON record per line, appended as training goes), ``checkpoints/step_XXXXXXX/``
-(written under a temporary name, then renamed), ``final/`` (safetensors + config, see
-relscale.model_io) and ``result.json`` (both written atomically).
+Outputs in ``out_dir`` (rank 0 writes them; every rank writes its checkpoint shards), named by
+:mod:`relscale.train.run_dir`: ``train_config.json`` (at the start), ``metrics.jsonl`` (one JSON
+record per line, appended as training goes), ``checkpoints/step_XXXXXXX/`` (written under a
+temporary name, then renamed), ``final/`` (safetensors, config and tokenizer, see relscale.model_io)
+and ``result.json`` (the last three written atomically).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,8 +38,9 @@ import torch.nn as nn
 from relscale.atomic import atomic_write_text
 from relscale.config import TrainConfig, to_dict
 from relscale.counting import param_counts, run_flops
-from relscale.errors import ConfigError, DataError, RelscaleError
+from relscale.errors import ConfigError, RelscaleError
 from relscale.train import checkpoint as ckpt
+from relscale.train import run_dir
 from relscale.train.metrics import MetricsLog, finite_or_none, peak_flops, peak_memory_mb, progress_bar
 from relscale.train.optim import build_optimizer, lr_at, set_lr
 from relscale.train.parallel import DistEnv, all_reduce_sum, barrier, init_distributed, shard_model, teardown
@@ -44,11 +48,12 @@ from relscale.train.parallel import DistEnv, all_reduce_sum, barrier, init_distr
 if TYPE_CHECKING:
     from relscale.data import PreparedData
 
-RESULT = "result.json"
-METRICS = "metrics.jsonl"
-FINAL = "final"
+RESULT = run_dir.RESULT
+METRICS = run_dir.METRICS
+FINAL = run_dir.FINAL
 
 OnStep = Callable[[int, nn.Module], None]
+"""A hook ``on_step(steps_done, model)`` called after every optimizer step, on every rank."""
 
 
 class TrainingDiverged(RelscaleError):
@@ -79,7 +84,7 @@ class OutDirInUse(RelscaleError):
     """Another training process holds the lock of this out_dir."""
 
 
-LOCK = ".lock"
+LOCK = run_dir.LOCK
 
 
 @contextlib.contextmanager
@@ -127,6 +132,13 @@ def out_dir_lock(out_dir: Path, env: DistEnv):
 
 @dataclass
 class TrainResult:
+    """The outcome of one run, as stored in ``result.json`` (plus its ``fingerprint``).
+
+    Losses are mean cross-entropy in nats per token (None when not measured or non-finite);
+    ``tokens`` are training tokens (steps x global batch x seq_len); FLOPs are for the whole run
+    in the two conventions of relscale.counting.run_flops; times in seconds; ``params`` counts
+    every parameter, tied embeddings once."""
+
     status: str  # "done" | "diverged"
     final_train_loss: float | None
     final_val_loss: float | None
@@ -142,6 +154,7 @@ class TrainResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainResult:
+        """From a ``result.json`` dict; keys it lacks are None, extra keys are ignored."""
         return cls(**{f.name: data.get(f.name) for f in fields(cls)})
 
 
@@ -169,7 +182,7 @@ def train(
     resume: bool = True,
     data: PreparedData | None = None,
     progress: bool | None = None,
-    on_step: OnStep | None = None,
+    on_step: OnStep | Sequence[OnStep] | None = None,
 ) -> TrainResult:
     """Train one model as ``cfg`` says; see the module docstring.
 
@@ -177,39 +190,35 @@ def train(
         returned as it is); with False, an out_dir that holds a run is refused.
     data: an open :class:`relscale.data.PreparedData` of ``cfg.data.path`` to reuse.
     progress: show the tqdm bar (None: ``cfg.progress``); only rank 0 shows it.
-    on_step: called as ``on_step(steps_done, model)`` after every optimizer step, on every rank.
+    on_step: a hook or a list of hooks, each called in order as ``hook(steps_done, model)``
+        after every optimizer step, on every rank (``model`` is the training module: FSDP-sharded
+        under torchrun, so a hook that runs forward passes must run on every rank). The trainer
+        attaches none of its own: ``cfg.dump_steps`` is acted on by the callers (relscale train,
+        the sweep workers), which add relscale.eval's dump hook here.
+
+    Raises ConfigError for a bad config or an out_dir that holds another run, DataError for
+    unreadable data or checkpoints, OutDirInUse, TrainingDiverged (NonFiniteValidationLoss).
     """
     started = time.perf_counter()
     cfg.validate()
+    hooks = _hook_list(on_step)
     env = init_distributed(cfg.device)
     try:
-        on_step = _with_dumps(cfg, env.world_size, on_step)
         with out_dir_lock(Path(cfg.out_dir).expanduser().resolve(), env):
-            return _Run(cfg, env, started, resume, data, progress, on_step).run()
+            return _Run(cfg, env, started, resume, data, progress, hooks).run()
     finally:
         teardown(env)
 
 
-def _with_dumps(cfg: TrainConfig, world_size: int, on_step: OnStep | None) -> OnStep | None:
-    """``on_step`` plus, when ``cfg.dump_steps`` is set, per-example dumps of ``cfg.dump_eval``
-    at those steps into ``out_dir/evals`` (the eval room's hook; it is imported only then)."""
-    if not cfg.dump_steps:
-        return on_step
-    from relscale.eval import make_dump_hook
-
-    dump = make_dump_hook(
-        cfg.dump_eval, Path(cfg.out_dir) / "evals", cfg.dump_steps, data_path=cfg.data.path,
-        run_id=Path(cfg.out_dir).name, seq_len=cfg.data.seq_len,
-        tokens_per_step=cfg.micro_batch * cfg.grad_accum * world_size * cfg.data.seq_len,
-    )
+def _hook_list(on_step: OnStep | Sequence[OnStep] | None) -> list[OnStep]:
+    """``on_step`` as a list of callables; TypeError naming the argument for anything else."""
     if on_step is None:
-        return dump
-
-    def both(step: int, model: nn.Module) -> None:
-        dump(step, model)
-        on_step(step, model)
-
-    return both
+        return []
+    hooks = [on_step] if callable(on_step) else list(on_step)
+    for hook in hooks:
+        if not callable(hook):
+            raise TypeError(f"on_step: {hook!r} is not callable (expected hook(steps_done, model))")
+    return hooks
 
 
 class _Run:
@@ -217,10 +226,10 @@ class _Run:
 
     def __init__(
         self, cfg: TrainConfig, env: DistEnv, started: float, resume: bool,
-        data: PreparedData | None, progress: bool | None, on_step: OnStep | None,
+        data: PreparedData | None, progress: bool | None, hooks: list[OnStep],
     ):
         self.cfg, self.env, self.started = cfg, env, started
-        self.resume, self.on_step = resume, on_step
+        self.resume, self.hooks = resume, hooks
         self.out_dir = Path(cfg.out_dir).expanduser().resolve()
         self.show_progress = (cfg.progress if progress is None else progress) and env.is_main
         self.global_batch = cfg.micro_batch * cfg.grad_accum * env.world_size
@@ -232,17 +241,9 @@ class _Run:
 
     # ----------------------------------------------------------------------------- set-up
     def _finished_result(self) -> TrainResult | None:
-        path = self.out_dir / RESULT
-        if not path.is_file():
+        stored = run_dir.read_result(self.out_dir)  # DataError naming result.json when unreadable
+        if stored is None:
             return None
-        try:
-            stored = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(
-                f"{path}: unreadable run result ({err}); move it away to train this run again"
-            ) from None
-        if not isinstance(stored, dict) or "status" not in stored:
-            raise DataError(f"{path}: not a run result (no status); move it away to train this run again")
         if not self.resume:
             raise ConfigError(
                 f"out_dir: {self.out_dir} holds a finished run ({RESULT}); choose another out_dir"
@@ -319,6 +320,8 @@ class _Run:
             loader.load_state_dict(state["loader"])
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            # The config this run trains with (presets resolved), for readers of the run folder.
+            atomic_write_text(run_dir.train_config_path(self.out_dir), json.dumps(to_dict(cfg), indent=2))
         barrier(env)
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
@@ -353,8 +356,8 @@ class _Run:
             last_loss = loss_value
             if time_to_first_step is None:
                 time_to_first_step = time.perf_counter() - self.started
-            if self.on_step is not None:
-                self.on_step(done, model)
+            for hook in self.hooks:
+                hook(done, model)
 
             if bar is not None:
                 bar.update(1)

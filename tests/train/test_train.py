@@ -297,12 +297,17 @@ def test_fsdp_bf16_on_one_gpu_matches_autocast(sotu, tmp_path):
 
 
 def test_dump_steps_write_per_example_dumps_during_training(sotu, tmp_path):
-    """TrainConfig.dump_steps: the eval room's dumps of the held-out split at those steps, with the
+    """TrainConfig.dump_steps through ``relscale train`` (the CLI attaches relscale.eval's dump
+    hook; the trainer knows only on_step): dumps of the held-out split at those steps, with the
     tokens seen so far (tests/eval checks the dumped numbers against the checkpoint's weights)."""
     import pandas as pd
 
-    cfg = small_config(sotu, tmp_path / "run", "steps=6", "dump_steps=[2, 4]", "ckpt_interval=4")
-    result = train(cfg)
+    from relscale.cli import main
+
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    overrides = small_overrides(sotu, tmp_path / "run", "steps=6", "dump_steps=[2, 4]", "ckpt_interval=4")
+    assert main(["train", str(empty), *overrides]) == 0
     dumps = sorted((tmp_path / "run" / "evals").rglob("*.parquet"))
     assert [p.stem.rsplit("@", 1)[-1] for p in dumps] == ["step_0000002", "step_0000004"]
     frames = {p.stem: pd.read_parquet(p) for p in dumps}
@@ -313,7 +318,65 @@ def test_dump_steps_write_per_example_dumps_during_training(sotu, tmp_path):
         assert frame["nll"].gt(0).all() and frame["n_bytes"].gt(0).all()
     early, late = (frames[p.stem] for p in dumps)
     assert late["nll"].sum() < early["nll"].sum()  # the model learns between steps 2 and 4
-    assert result.status == "done"
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "done"
+
+
+def test_train_calls_every_on_step_hook_in_order_and_ignores_dump_steps(sotu, tmp_path):
+    """train() runs the hooks it is given, in order, after every step, and nothing else: with
+    dump_steps set but no dump hook passed, it writes no dumps (that is the caller's job)."""
+    calls = []
+    hooks = [lambda step, model: calls.append(("a", step)), lambda step, model: calls.append(("b", step))]
+    cfg = small_config(sotu, tmp_path / "run", "steps=3", "dump_steps=[2]", "ckpt_interval=3")
+    assert train(cfg, on_step=hooks).status == "done"
+    assert calls == [(name, step) for step in (1, 2, 3) for name in ("a", "b")]
+    assert not (tmp_path / "run" / "evals").exists()
+    with pytest.raises(TypeError, match="on_step"):
+        train(cfg, on_step=[1])
+
+
+def test_trainer_never_imports_the_eval_package():
+    """The trainer (every module of relscale.train but the command layer, cli.py) and model_io
+    import nothing from relscale.eval, neither at import time nor inside functions."""
+    import ast
+
+    for path in sorted((REPO / "relscale" / "train").glob("*.py")) + [REPO / "relscale" / "model_io.py"]:
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            assert not any(n == "relscale.eval" or n.startswith("relscale.eval.") for n in names), path
+    code = ("import sys, relscale.train.loop, relscale.train.checkpoint, relscale.model_io; "
+            "print(sorted(m for m in sys.modules if m.startswith('relscale.eval')))")
+    out = _run(["-c", code])
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_train_by_packaged_name_outside_a_clone(sotu, tmp_path):
+    """``relscale train tiny`` from a folder without configs/: the shipped config is found by name
+    (its model shape and schedule), overrides apply on top, and the run folder holds the config
+    it trained with."""
+    from relscale.config import read_toml
+    from relscale.train import run_dir
+
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    out = tmp_path / "run"
+    shipped = read_toml(REPO / "relscale" / "configs" / "tiny.toml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "relscale", "train", "tiny", "steps=2", f"data.path={str(sotu)!r}",
+         f"out_dir={str(out)!r}", "eval_tokens=256", "log_interval=1"],
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    stored = run_dir.read_train_config(out)
+    assert stored["model"]["hidden"] == shipped["model"]["hidden"]
+    assert stored["optim"]["schedule"] == shipped["optim"]["schedule"] and stored["steps"] == 2
+    assert run_dir.read_result(out)["steps"] == 2
+    missing = _run(["-m", "relscale", "train", "no-such-config"])
+    assert missing.returncode == 2 and "no-such-config: config file not found" in missing.stderr
+    assert "tiny" in missing.stderr
 
 
 @pytest.mark.slow
