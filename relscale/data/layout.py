@@ -2,8 +2,9 @@
 group labels. Written by ``relscale prepare`` (relscale.data.prepare); every other part that needs
 to find a prepared folder's files goes through the functions here.
 
-Torch-free and light (standard library only), so the sweep, the evaluator and the fits can read
-a prepared folder's metadata without importing numpy, tokenizers or torch.
+Torch-free: this module uses only the standard library (importing it through the relscale.data
+package also loads numpy, pandas and tokenizers, the package's eager exports, but never torch), so
+the sweep, the evaluator and the fits can read a prepared folder's metadata without torch.
 
 Layout of a prepared folder ``DATA_DIR`` (format_version 1)::
 
