@@ -55,18 +55,39 @@ def test_finished_runs_joins_index_and_new_marks(tmp_path):
     assert layout.finished_runs(sweep.root) == done
 
 
-def test_finished_runs_equals_the_evaluators_own_listing(tmp_path):
-    """The replacement proposed for relscale.eval.runner._sweep_runs gives the same runs."""
-    runner = pytest.importorskip("relscale.eval.runner")
+def reference_finished(sweep_dir):
+    """The evaluator's listing before the contract existed (relscale/eval/runner.py _sweep_runs at
+    8d0c9cd), kept here as the independent reference: the index's done rows, then done marks."""
+    import pyarrow.parquet as pq
+
+    runs = {}
+    index = sweep_dir / "results.parquet"
+    if index.is_file():
+        for row in pq.read_table(index).to_pylist():
+            if row.get("status") == "done":
+                runs[row["run_id"]] = (sweep_dir / (row.get("run_dir") or f"runs/{row['run_id']}"), row)
+    for mark in sorted((sweep_dir / "marks").glob("*.done")):
+        run_id = mark.name[: -len(".done")]
+        if run_id in runs or mark.name.startswith("."):
+            continue
+        row = json.loads(mark.read_text()).get("row") or {}
+        runs[run_id] = (sweep_dir / (row.get("run_dir") or f"runs/{run_id}"), row)
+    return [(run_id, run_dir, row) for run_id, (run_dir, row) in runs.items()]
+
+
+def test_finished_runs_equals_the_evaluators_former_listing(tmp_path):
+    """finished_runs replaced relscale.eval.runner._sweep_runs: the same runs, dirs and rows."""
     sweep = synthetic_sweep(tmp_path / "s", 5)
     for status in ("done", "failed", "done"):
         finish(sweep, sweep.claim("w"), status)
     update_index(sweep)
     finish(sweep, sweep.claim("w"))
     ours = [(r.run_id, r.run_dir, r.row) for r in layout.finished_runs(sweep.root)]
-    theirs = runner._sweep_runs(sweep.root)
-    assert [(a, b) for a, b, _ in ours] == [(a, b) for a, b, _ in theirs]
-    assert [row["budget"] for *_, row in ours] == [row["budget"] for *_, row in theirs]
+    expected = reference_finished(sweep.root)
+    assert len(ours) == 3
+    assert [(a, b) for a, b, _ in ours] == [(a, b) for a, b, _ in expected]
+    assert [row["budget"] for *_, row in ours] == [row["budget"] for *_, row in expected]
+    assert [row["final_val_loss"] for *_, row in ours] == [row["final_val_loss"] for *_, row in expected]
 
 
 def test_read_results_rebuilds_or_assembles_from_the_marks(tmp_path):
