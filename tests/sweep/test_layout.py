@@ -209,3 +209,16 @@ def test_a_stored_sweep_json_is_not_rechecked():
         warnings.simplefilter("error")
         data = json.loads(json.dumps(sweep_config_to_dict(tiny())))
         assert sweep_config_from_json(data) == tiny()
+
+
+@pytest.mark.parametrize("command", [["grid"], ["sweep", "run", "{tmp}/sweep", "--config"]])
+def test_the_cli_refuses_it_in_one_line_exit_2(tmp_path, capsys, command):
+    from relscale.cli import main
+
+    path = tmp_path / "sweep.toml"
+    path.write_text('budgets = [1e18]\nseq_len = 128\n[train.data]\nseq_len = 64\n')
+    argv = [part.format(tmp=tmp_path) for part in command] + [str(path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "train.data.seq_len: 64 is set by the grid from seq_len" in err
+    assert not (tmp_path / "sweep").exists()  # nothing created
