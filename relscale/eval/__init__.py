@@ -15,11 +15,11 @@ import importlib
 
 _EXPORTS = {
     "evaluate": "relscale.eval.runner",
-    "discover_models": "relscale.eval.runner",
-    "make_dump_hook": "relscale.eval.runner",
-    "RunOptions": "relscale.eval.runner",
-    "SetOptions": "relscale.eval.formats",
-    "load_eval_set": "relscale.eval.formats",
+    "discover_models": "relscale.eval.discover",
+    "make_dump_hook": "relscale.eval.hook",
+    "RunOptions": "relscale.eval.options",
+    "SetOptions": "relscale.eval.sets",
+    "load_eval_set": "relscale.eval.sets",
     "ScoreSettings": "relscale.eval.scoring",
     "score_requests": "relscale.eval.scoring",
     "StartTokens": "relscale.eval.scoring",

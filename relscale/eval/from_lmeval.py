@@ -277,8 +277,9 @@ def model_columns_of(results: dict, meta: dict, model_id: str | None) -> dict[st
         "source": str(pretrained or results.get("model_name") or ""),
     }
     if isinstance(pretrained, str) and Path(pretrained).exists():
-        from relscale.eval.runner import RunOptions, discover_models, read_info
-        from relscale.eval.runner import model_columns as runner_columns
+        from relscale.eval.discover import discover_models, read_info
+        from relscale.eval.models import model_columns as runner_columns
+        from relscale.eval.options import RunOptions
 
         try:
             entries = discover_models([pretrained])

@@ -75,14 +75,10 @@ class RelscaleLM(LM):
         super().__init__()
         import torch
 
-        from relscale.eval.formats import SetOptions
-        from relscale.eval.runner import (
-            RunOptions,
-            discover_models,
-            load_tokenizer_for,
-            load_weights,
-            read_info,
-        )
+        from relscale.eval.discover import discover_models, read_info
+        from relscale.eval.models import load_tokenizer_for, load_weights, resolve_device
+        from relscale.eval.options import RunOptions, score_settings
+        from relscale.eval.sets import SetOptions
 
         if unused:
             raise ConfigError(f"--model_args: unknown argument(s) {sorted(unused)} for --model relscale")
@@ -105,19 +101,18 @@ class RelscaleLM(LM):
             sets=SetOptions(data_dir=_none_or(data, Path)),
             tokenizer=_none_or(tokenizer, Path),
             start_token=None if start_token in (None, "", "auto") else str(start_token),
+            dtype=str(dtype),
         )
         info = read_info(entry, opts)
         self._tok = load_tokenizer_for(entry, info, opts)
-        if device in (None, "", "auto"):
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._device = torch.device(device)
+        self._device = resolve_device("auto" if device in (None, "", "auto") else str(device))
         self._model = load_weights(entry, info.cfg, self._device)
         context = _none_or(max_length, int) or info.cfg.max_seq_len
         if context > info.cfg.max_seq_len:
             raise ConfigError(f"max_length={context} exceeds the model's max_seq_len {info.cfg.max_seq_len}")
         self._context = context
-        self._batch_tokens = max(int(batch_tokens), context)
-        self._dtype = str(dtype)
+        opts.batch_tokens = max(int(batch_tokens), context)
+        self._score_settings = score_settings(opts, context)
         self._entry = entry
 
     # lm-eval reads these
@@ -143,9 +138,8 @@ class RelscaleLM(LM):
         }
 
     def _settings(self):
-        from relscale.eval.scoring import ScoreSettings
-
-        return ScoreSettings(context=self._context, batch_tokens=self._batch_tokens, dtype=self._dtype)
+        """The scoring settings (built once from the model arguments)."""
+        return self._score_settings
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(log-probability in nats, is_greedy) of each request's continuation after its context,

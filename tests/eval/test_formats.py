@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from relscale.errors import DataError
-from relscale.eval.formats import SetOptions, check_bad_rows, detect_kind, load_eval_set, parse_spec
+from relscale.eval.formats import check_bad_rows
+from relscale.eval.sets import SetOptions, detect_kind, load_eval_set, parse_spec
 
 
 def write_jsonl(path, rows):
@@ -239,7 +240,7 @@ def test_unknown_layout_and_missing_path(tmp_path):
 def test_max_chars_keeps_whole_words_and_counts_what_is_scored(tmp_path):
     import json
 
-    from relscale.eval.formats import SetOptions, load_eval_set
+    from relscale.eval.sets import SetOptions, load_eval_set
 
     path = tmp_path / "docs.jsonl"
     rows = [{"id": "a", "text": "alpha beta gamma delta", "group": "x"},

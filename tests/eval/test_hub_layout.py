@@ -18,7 +18,9 @@ from relscale.config import DataConfig, TrainConfig
 from relscale.counting import flops_per_token_marin
 from relscale.errors import DataError
 from relscale.eval import hf
-from relscale.eval.runner import RunOptions, discover_models, evaluate
+from relscale.eval.discover import discover_models
+from relscale.eval.options import RunOptions
+from relscale.eval.runner import evaluate
 from relscale.model_io import read_model_tokenizer, save_model
 
 from .conftest import SEQ_LEN, tiny_config, tiny_model

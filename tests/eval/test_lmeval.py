@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from relscale.eval.formats import SetOptions
-from relscale.eval.runner import RunOptions, evaluate
+from relscale.eval.options import RunOptions
+from relscale.eval.runner import evaluate
+from relscale.eval.sets import SetOptions
 
 from .lmeval_fixtures import (
     TASKS,

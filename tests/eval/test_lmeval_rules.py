@@ -15,8 +15,8 @@ import torch
 from relscale.cli import main
 from relscale.errors import ConfigError, DataError
 from relscale.eval.adapters import MMLU_CATEGORIES
-from relscale.eval.formats import SetOptions, detect_kind, load_eval_set
-from relscale.eval.runner import RunOptions, evaluate
+from relscale.eval.options import RunOptions
+from relscale.eval.runner import evaluate
 from relscale.eval.scoring import (
     StartTokens,
     encode_set,
@@ -24,6 +24,7 @@ from relscale.eval.scoring import (
     resolve_start,
     tokenizer_prefix,
 )
+from relscale.eval.sets import SetOptions, detect_kind, load_eval_set
 from relscale.eval.writer import dump_path, is_finished_dump
 
 from .lmeval_fixtures import build_tokenizer

@@ -17,7 +17,9 @@ from relscale.cli import main
 from relscale.config import DataConfig, TrainConfig
 from relscale.counting import param_counts, run_flops
 from relscale.data import PreparedData
-from relscale.eval.runner import RunOptions, evaluate, make_dump_hook
+from relscale.eval.hook import make_dump_hook
+from relscale.eval.options import RunOptions
+from relscale.eval.runner import evaluate
 from relscale.eval.writer import read_settings
 from relscale.model_io import load_model, save_model
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from relscale.eval.formats import SetOptions, load_eval_set
 from relscale.eval.packing import plan_windows
 from relscale.eval.scoring import (
     ScoreSettings,
@@ -19,6 +18,7 @@ from relscale.eval.scoring import (
     metrics,
     score_requests,
 )
+from relscale.eval.sets import SetOptions, load_eval_set
 
 from .conftest import SEQ_LEN, nll_direct, tiny_model, windowed_reference
 
