@@ -222,3 +222,17 @@ def test_the_cli_refuses_it_in_one_line_exit_2(tmp_path, capsys, command):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "train.data.seq_len: 64 is set by the grid from seq_len" in err
     assert not (tmp_path / "sweep").exists()  # nothing created
+
+
+def test_one_config_check_before_the_grid_is_built(tmp_path):
+    """init_sweep on a folder holding another sweep is refused by Sweep.check_same_config, naming
+    the differing keys, before the grid (which would need the prepared data) is built."""
+    from relscale.sweep.spec import DatasetSpec, sweep_config_to_dict
+    from relscale.sweep.start import init_sweep
+
+    cfg = SweepConfig(budgets=[1e18], datasets=[DatasetSpec(name="x", path=str(tmp_path / "no-data"))])
+    sweep = synthetic_sweep(tmp_path / "s", 2, config={**sweep_config_to_dict(cfg), "budgets": [2e18]})
+    with pytest.raises(ConfigError, match=r"another config; differences \(existing -> given\): "
+                                          r"budgets: \[2e\+18\] -> \[1e\+18\]$"):
+        init_sweep(sweep.root, cfg)
+    assert init_sweep(sweep.root, SweepConfig(budgets=[2e18], datasets=cfg.datasets)).root == sweep.root
