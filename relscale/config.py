@@ -65,6 +65,7 @@ class RopeScalingConfig:
     original_max_position_embeddings: int = 8192
 
     def validate(self, where: str = "model.rope_scaling") -> None:
+        """ConfigError naming ``<where>.<key>`` for an impossible value (factors, context)."""
         if self.type == "none":
             return
         _require(self.factor >= 1, f"{where}.factor", f"must be >= 1, got {self.factor}")
@@ -105,17 +106,23 @@ class ModelConfig:
 
     @property
     def n_kv_heads(self) -> int:
+        """Key/value heads in use: ``kv_heads``, or ``heads`` when unset (no grouped-query attention)."""
         return self.heads if self.kv_heads is None else self.kv_heads
 
     @property
     def d_head(self) -> int:
+        """Per-head dimension in use: ``head_dim``, or ``hidden // heads`` when unset."""
         return self.hidden // self.heads if self.head_dim is None else self.head_dim
 
     @property
     def d_ff(self) -> int:
+        """SwiGLU hidden width in use: ``mlp_hidden``, or ``4 * hidden`` when unset."""
         return 4 * self.hidden if self.mlp_hidden is None else self.mlp_hidden
 
     def validate(self, where: str = "model") -> None:
+        """ConfigError naming ``<where>.<key>`` for a non-positive size, a hidden size not divisible
+        by the heads (without head_dim), an odd head dimension (RoPE rotates pairs), heads not a
+        multiple of kv_heads, or a negative z_loss."""
         for name in ("vocab_size", "hidden", "layers", "heads", "max_seq_len"):
             _require(getattr(self, name) > 0, f"{where}.{name}", "must be positive")
         for name in ("kv_heads", "head_dim", "mlp_hidden"):
@@ -142,11 +149,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """Which prepared data a run trains on and how it is cut: ``seq_len`` tokens per training
+    sequence; ``doc_masking``: attention stays within a document (EOS-separated)."""
+
     path: str = "relscale_data/sotu"  # a directory written by `relscale prepare`
     seq_len: int = 128
     doc_masking: bool = True  # attention does not cross document (EOS) boundaries
 
     def validate(self, where: str = "data") -> None:
+        """ConfigError naming ``<where>.seq_len`` when it is below 2 (no next token to predict)."""
         _require(self.seq_len > 1, f"{where}.seq_len", "must be > 1")
 
 
@@ -194,6 +205,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
 
     def validate(self, where: str = "optim") -> None:
+        """ConfigError naming ``<where>.<key>`` for a non-positive lr, betas outside [0, 1),
+        fractions outside [0, 1] or warm-up plus decay above 1."""
         _require(self.lr > 0, f"{where}.lr", "must be positive")
         for name in ("beta1", "beta2"):
             _require(0 <= getattr(self, name) < 1, f"{where}.{name}", "must be in [0, 1)")
@@ -287,6 +300,7 @@ class TrainConfig:
         return -(-(self.eval_tokens or 0) // self.data.seq_len)
 
     def validate(self) -> None:
+        """Validate every section and the run's keys; ConfigError naming the dotted key."""
         self.model.validate("model")
         self.data.validate("data")
         self.optim.validate("optim")
@@ -358,6 +372,7 @@ def _coerce(hint: Any, value: Any, path: str, choices: tuple[str, ...] | None) -
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as nested plain dicts (the TOML/JSON form; :func:`from_dict` inverts it)."""
     return dataclasses.asdict(cfg)
 
 
@@ -473,6 +488,7 @@ def train_config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
 
 
 def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
+    """The validated ModelConfig of a ``model`` table (ConfigError naming ``model.<key>``)."""
     cfg = from_dict(ModelConfig, data, "model")
     cfg.validate()
     return cfg

@@ -67,6 +67,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``rms_norm(x) * weight``, or with ``residual`` (same shape (..., dim)) the pair
+        ``(rms_norm(x + residual) * weight, x + residual)`` from one fused op (ops.add_rms_norm)."""
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps, backend=self.backend)
         return ops.add_rms_norm(x, residual, self.weight, self.eps, backend=self.backend)
@@ -134,6 +136,8 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(cfg.d_ff, cfg.hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``w_down(silu(x w_gate^T) * (x w_up^T))`` for x (B, S, hidden) -> (B, S, hidden); the gate
+        and up projections run as one GEMM against their concatenated weights."""
         weight = _compute_weight((self.w_gate.weight, self.w_up.weight), x.device.type)
         gate, up = F.linear(x, weight).split(self.d_ff, dim=-1)
         return self.w_down(ops.swiglu(gate, up, backend=self.backend))
@@ -164,6 +168,9 @@ class Block(nn.Module):
         max_seqlen: int | None,
         inv_freq: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(branch, residual) after this layer, both (B, S, d); see the class docstring.
+        positions (B, S) or (S,); cu_seqlens (docs + 1,) int32 and max_seqlen for document
+        masking (None: causal over the whole row); inv_freq (d_head / 2,) RoPE frequencies."""
         if residual is None:
             normed, residual = self.attn_norm(x), x
         else:

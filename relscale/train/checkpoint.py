@@ -115,6 +115,7 @@ class SafeFileSystemReader(FileSystemReader):
     """torch's ``FileSystemReader`` with ``.metadata`` read by :func:`read_checkpoint_metadata`."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """The checkpoint's DCP Metadata via :func:`read_checkpoint_metadata` (DataError naming it)."""
         metadata = read_checkpoint_metadata(Path(self.path), kwargs.get("rank"))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
@@ -127,6 +128,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     un-pickled with ``torch.load(weights_only=True)`` instead of ``weights_only=False``."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        """Un-pickle one non-tensor value with ``weights_only=True``; UnsafeCheckpointError otherwise."""
         try:
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as err:

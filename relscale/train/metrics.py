@@ -73,6 +73,7 @@ class MetricsLog:
         tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one JSON line (non-finite floats as null); no-op off rank 0."""
         if self._file is None:
             return
         clean = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in record.items()}
@@ -80,16 +81,20 @@ class MetricsLog:
         self._file.flush()
 
     def close(self) -> None:
+        """Close the file (idempotent)."""
         if self._file is not None:
             self._file.close()
             self._file = None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, in order (strict; for a run folder's, tolerant of a
+    line cut short by a crash, see relscale.train.run_dir.read_metrics)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar over ``total`` optimizer steps starting at ``initial``, or None when disabled."""
     if not enabled:
         return None
     from tqdm.auto import tqdm

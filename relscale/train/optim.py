@@ -267,6 +267,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
 
 
 def warmup_steps(cfg: OptimConfig, steps: int) -> int:
+    """Optimizer steps of linear warm-up: ``round(cfg.warmup * steps)``."""
     return round(cfg.warmup * steps)
 
 
@@ -321,5 +322,6 @@ def _levanter_linear(cfg: OptimConfig, step: int, steps: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group to ``lr``."""
     for group in optimizer.param_groups:
         group["lr"] = lr

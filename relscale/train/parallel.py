@@ -23,6 +23,9 @@ from relscale.errors import ConfigError
 
 @dataclass
 class DistEnv:
+    """Where this process trains: its rank among ``world_size`` processes, its device, and
+    whether a process group is in use (the model is then sharded with FSDP2)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -32,14 +35,18 @@ class DistEnv:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that writes metrics, results and the final model."""
         return self.rank == 0
 
 
 def launched_by_torchrun() -> bool:
+    """Whether torchrun's RANK and WORLD_SIZE are set in the environment."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``cuda:<local_rank>`` for "cuda" (or "auto" with a GPU), else the CPU; ConfigError naming
+    ``device`` when "cuda" is asked for without a CUDA device."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' was asked for but no CUDA device is available")
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
@@ -77,6 +84,7 @@ def init_distributed(requested_device: str) -> DistEnv:
 
 
 def teardown(env: DistEnv) -> None:
+    """Destroy the process group if this run created it (after a barrier of every rank)."""
     if env.owns_group and dist.is_initialized():
         # Every rank reaches teardown before any destroys the group: a rank that tears gloo down
         # while its peer still has a pending operation can abort the peer at exit (seen once:
@@ -87,6 +95,7 @@ def teardown(env: DistEnv) -> None:
 
 
 def barrier(env: DistEnv) -> None:
+    """Wait for every rank (no-op in a single process)."""
     if env.distributed:
         if env.device.type == "cuda":
             dist.barrier(device_ids=[env.device.index])
