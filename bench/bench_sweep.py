@@ -29,10 +29,11 @@ from harness import write_results  # noqa: E402
 
 from relscale.config import TrainConfig, to_dict  # noqa: E402
 from relscale.data import prepare_default  # noqa: E402
-from relscale.sweep.cli import init_sweep, list_text, status_text  # noqa: E402
 from relscale.sweep.executors import WorkerOptions, worker_loop  # noqa: E402
 from relscale.sweep.registry import Lease, Sweep, write_atomic  # noqa: E402
 from relscale.sweep.spec import BatchRule, DatasetSpec, DepthRule, LRRule, SweepConfig, WidthRule  # noqa: E402
+from relscale.sweep.start import init_sweep  # noqa: E402
+from relscale.sweep.status import list_text, status_text  # noqa: E402
 
 NAME = "sweep"
 PROFILES = {

@@ -205,10 +205,10 @@ def _open_sweeps(sweep_root: Path, data_dir: Path, device: str, minutes: float, 
     budgets were sized once), else sized and created."""
     from relscale.atomic import atomic_write_text
     from relscale.data import PreparedData
-    from relscale.sweep.cli import init_sweep
     from relscale.sweep.grid import budget_tag
     from relscale.sweep.registry import Sweep
     from relscale.sweep.spec import sweep_config_to_dict
+    from relscale.sweep.start import init_sweep
 
     plan_path = sweep_root / "plan.json"
     if plan_path.exists():

@@ -20,6 +20,7 @@ import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
 from relscale.errors import DataError
+from relscale.sweep import layout as sweep_layout  # torch-free (tests/sweep/test_layout.py)
 
 from .diagnostics import DroppedDataWarning, warn
 
@@ -265,11 +266,16 @@ def read_results_index(
 
     where: an optional row filter (row_filter), applied before the status filter."""
     path = Path(path)
+    sweep_dir = path if path.is_dir() else path.parent
     if path.is_dir():
-        path = path / "results.parquet"
-    if not path.exists():
+        path = sweep_layout.results_path(path)
+    in_sweep = (sweep_dir / sweep_layout.MARKS_DIR).is_dir()
+    if not path.exists() and not in_sweep:
         raise DataError(f"sweep results index {str(path)!r} does not exist")
-    frame = pd.read_parquet(path)
+    if path.name == sweep_layout.RESULTS_INDEX and in_sweep:
+        frame = sweep_layout.read_results(sweep_dir).to_pandas()  # rebuilt from the marks if damaged
+    else:
+        frame = pd.read_parquet(path)  # a results table outside a sweep folder: read as it is
     if where:
         frame = frame[row_filter(frame, where, str(path))]
     if frame.empty:
@@ -693,7 +699,7 @@ def _detect_kind(paths: list[Path]) -> str:
             raise DataError(f"input {str(p)!r} does not exist")
     first = paths[0]
     if first.is_dir():
-        if (first / "results.parquet").exists():
+        if sweep_layout.results_path(first).exists():
             return "index"
         if any(first.rglob("*.parquet")) or not any(first.glob("*.csv")):
             return "dumps"

@@ -276,8 +276,6 @@ def corrupted_index_sweep(root: Path) -> Sweep:
     return sweep
 
 
-@pytest.mark.xfail(strict=True, reason="FOR fit: relscale/fit/io.py read_results_index must read a sweep's "
-                   "index through relscale.sweep.results.read_index (requests.md)")
 def test_fit_reads_a_sweep_whose_index_is_corrupted(tmp_path):
     from relscale.fit.io import read_results_index
 
