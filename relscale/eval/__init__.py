@@ -1,4 +1,4 @@
-"""The eval room: per-example loss dumps of our checkpoints, sweeps and Hugging Face checkpoints.
+"""Evaluation: per-example loss dumps of our checkpoints, sweeps and Hugging Face checkpoints.
 
     from relscale.eval import RunOptions, evaluate
     evaluate(["sweeps/sotu"], ["default", "mmlu:data/mmlu"], RunOptions(out_dir=Path("evals")))

@@ -198,6 +198,14 @@ def load_mmlu(
     fewshot_pool: Path | None = None,
     name: str | None = None,
 ) -> EvalSet:
+    """MMLU (Hendrycks et al. 2021) from a local copy (layouts in the module docstring) as a
+    multiple-choice set of its test split, grouped by ``subject`` and ``category``.
+
+    ``shots``: few-shot examples per question, the first dev rows of the same subject (or of
+    ``fewshot_pool``); ``style``: "letters" (lm-eval's ``mmlu`` prompt, choices scored as " A",
+    " B", ...) or "cloze" (the choice texts scored); ``template``: a prompt template replacing
+    the style's. Raises DataError for an unknown style, no test split, or shots without a dev
+    split; malformed rows become BadRows."""
     if style not in ("letters", "cloze"):
         raise DataError(f"MMLU format {style!r}: choose letters or cloze")
     splits = _mmlu_splits(path)
@@ -277,6 +285,13 @@ def load_anthropic(
     name: str | None = None,
     seed: int = 0,
 ) -> EvalSet:
+    """Anthropic model-written evaluations (Perez et al. 2022, ``anthropics/evals``): a JSONL
+    file or a folder of them as a multiple-choice set whose right answer is the
+    behaviour-matching one, grouped by ``behavior`` (the file name).
+
+    ``shots``: seeded few-shot examples from the same file; ``template``: replaces "Human:
+    {question}\n\nAssistant:". Raises DataError when there is no .jsonl file; malformed rows
+    become BadRows."""
     files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: no .jsonl files of model-written evaluations found")
@@ -315,6 +330,11 @@ def _escape(text: str) -> str:
 
 
 def load_bigbench(path: Path, *, shots: int = 0, name: str | None = None, seed: int = 0) -> EvalSet:
+    """BIG-bench JSON tasks (Srivastava et al. 2022; a task.json or a folder of them) as a
+    multiple-choice set, the right answer being the highest ``target_scores`` entry, grouped by
+    ``task``; prompts use each task's own prefixes. ``shots``: seeded few-shot examples from the
+    task's other examples. Raises DataError naming the file for unreadable JSON or a task
+    without ``examples``; generative examples become BadRows."""
     files = sorted(path.rglob("task.json")) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: no BIG-bench task.json files found")

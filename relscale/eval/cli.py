@@ -18,6 +18,7 @@ from relscale.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of ``relscale eval`` to ``parser``."""
     parser.add_argument(
         "models", nargs="*", help="model, run, sweep or Hugging Face directories (not with --from-lm-eval)"
     )
@@ -164,6 +165,8 @@ def _default_out(models: list[str]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``relscale eval`` with parsed ``args``; exit status 0. Raises ConfigError for a bad
+    flag value (the CLI exits 2) and DataError for unreadable inputs."""
     from relscale.eval.options import RunOptions
     from relscale.eval.runner import evaluate
     from relscale.eval.sets import SetOptions

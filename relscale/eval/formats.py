@@ -48,6 +48,9 @@ MAX_LISTED_BAD_ROWS = 10
 
 @dataclass(frozen=True)
 class BadRow:
+    """A malformed row of an eval file: ``file``, ``row`` (1-based line number or a path inside
+    the file) and the ``reason`` in words."""
+
     file: str
     row: int | str
     reason: str
@@ -58,6 +61,8 @@ class BadRow:
 
 @dataclass
 class TextExample:
+    """A document scored token by token: id, text and group labels ({grouping field: label})."""
+
     example_id: str
     text: str
     groups: dict[str, str] = field(default_factory=dict)
@@ -80,6 +85,10 @@ class MCExample:
 
 @dataclass
 class EvalSet:
+    """A loaded eval set: ``name`` (the dumps' ``dataset`` column and folder), ``kind`` ("text"
+    | "mc"), its examples, the malformed rows found, its ``source`` (file or folder) and the
+    ``settings`` it was built with (prompt format, shots, ...; stored in the dumps)."""
+
     name: str  # the `dataset` column and the output file's folder
     kind: str  # "text" | "mc"
     examples: list[TextExample] | list[MCExample]
@@ -141,6 +150,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def first_good_row(path: Path) -> dict | None:
+    """The first row of ``path`` (see :func:`read_rows`) that is a JSON object, or None."""
     for _, row in read_rows(path):
         if isinstance(row, dict):
             return row
@@ -185,6 +195,10 @@ def text_set_from_rows(
     id_field: str | None = None,
     group_by: list[str] | None = None,
 ) -> EvalSet:
+    """A text set from ``rows`` of ``path`` (:func:`read_rows`): each row's ``text_field`` is a
+    document, ``id_field`` (else ``id`` / ``doc_id``, else the row number) its id, the
+    ``group_by`` fields (default ``group`` when present) its groups. Rows without text, with a
+    duplicate id or non-string groups become BadRows."""
     examples: list[TextExample] = []
     bad: list[BadRow] = []
     seen_ids: set[str] = set()
@@ -286,6 +300,7 @@ def text_set_from_prepared(data_dir: Path, split: str = "val", group_by: list[st
 
 # ----------------------------------------------------------------------------- multiple choice
 def letter(i: int) -> str:
+    """The choice letter of index ``i``: 0 -> "A", 1 -> "B", ..."""
     return chr(ord("A") + i)
 
 
@@ -309,6 +324,7 @@ def parse_answer(answer: Any, choices: list[str]) -> int:
 
 
 def check_choices(choices: Any) -> None:
+    """ValueError unless ``choices`` is a list or tuple of at least two strings."""
     if not isinstance(choices, list | tuple) or len(choices) < 2:
         raise ValueError("field 'choices' must be a list of at least 2 strings")
     if not all(isinstance(c, str) for c in choices):
@@ -329,6 +345,8 @@ def validate_mc_row(row: Any, question_field: str = "question") -> tuple[str, li
 
 
 def render_question(fmt: PromptFormat, question: str, choices: list[str], extra: Mapping[str, str]) -> str:
+    """``fmt.template`` filled with ``question``, the choices under their letters (``{A}``,
+    ``{B}``, ...) and ``extra`` fields. Raises DataError naming an unknown template field."""
     fields = {"question": question, **{letter(i): c for i, c in enumerate(choices)}, **extra}
     try:
         return fmt.template.format(**fields)
@@ -387,6 +405,10 @@ def mc_set_from_rows(
     group_field: str = "group",
     id_field: str = "id",
 ) -> EvalSet:
+    """A multiple-choice set from ``rows`` of ``path``: ``question``, ``choices`` (at least two
+    strings), ``answer`` (index or the right choice's text), optional ``group_field`` and
+    ``id_field``; prompts built by ``fmt`` (:func:`build_mc_examples`). Malformed rows become
+    BadRows."""
     items, bad = [], []
     for number, row in rows:
         if isinstance(row, BadRow):

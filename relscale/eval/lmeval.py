@@ -118,14 +118,17 @@ class RelscaleLM(LM):
     # lm-eval reads these
     @property
     def device(self):
+        """The torch device the model runs on."""
         return self._device
 
     @property
     def max_length(self) -> int:
+        """Tokens per window (lm-eval's max_length)."""
         return self._context
 
     @property
     def tokenizer_name(self) -> str:
+        """A name lm-eval's request cache keys on: ``relscale-<tokenizer sha256, 16 hex>``."""
         return f"relscale-{self._tok.key}"
 
     def get_model_info(self) -> dict:

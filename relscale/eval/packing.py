@@ -36,16 +36,23 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class Request:
+    """One scoring request: ``tokens`` (int64, (n,)) and the index of the first scored token
+    (every token from there on is predicted from those before it)."""
+
     tokens: np.ndarray  # int64 (n,): the beginning token, then the example's tokens
     score_from: int  # index of the first scored token
 
     @property
     def n_scored(self) -> int:
+        """Tokens scored: ``len(tokens) - score_from`` (0 when negative)."""
         return max(0, len(self.tokens) - self.score_from)
 
 
 @dataclass(frozen=True)
 class Window:
+    """A slice of one request that fits the context: input ``tokens[lo:hi]`` predicting
+    ``tokens[lo+1:hi+1]``, of which targets from ``first_scored`` (absolute index) on are scored."""
+
     request: int
     lo: int  # input tokens are tokens[lo:hi]; they predict tokens[lo + 1 : hi + 1]
     hi: int
@@ -53,6 +60,7 @@ class Window:
 
     @property
     def length(self) -> int:
+        """Input tokens of the window: ``hi - lo``."""
         return self.hi - self.lo
 
 
@@ -72,6 +80,8 @@ def plan_windows(n_tokens: int, score_from: int, context: int, stride: int) -> l
 
 
 def make_windows(requests: Sequence[Request], context: int, stride: int) -> list[Window]:
+    """Every request's windows (:func:`plan_windows`) of at most ``context`` tokens, ``stride``
+    new targets per window after the first, in request order."""
     return [
         Window(i, lo, hi, first)
         for i, request in enumerate(requests)
@@ -91,18 +101,21 @@ def pack_rows(lengths: Sequence[int], pack_len: int) -> list[list[int]]:
         slot = bisect.bisect_left(free, (lengths[i], -1))
         if slot == len(free):
             rows.append([i])
-            room, row = pack_len - lengths[i], len(rows) - 1
+            space, row = pack_len - lengths[i], len(rows) - 1
         else:
-            room, row = free.pop(slot)
+            space, row = free.pop(slot)
             rows[row].append(i)
-            room -= lengths[i]
-        if room > 0:
-            bisect.insort(free, (room, row))
+            space -= lengths[i]
+        if space > 0:
+            bisect.insort(free, (space, row))
     return rows
 
 
 @dataclass
 class PackedBatch:
+    """A batch of windows packed into rows of ``pack_len`` tokens (shapes on each field), with
+    the segment offsets of document-masked attention."""
+
     tokens: np.ndarray  # int64 (B, S)
     targets: np.ndarray  # int64 (B, S), IGNORE_INDEX where nothing is scored
     positions: np.ndarray  # int64 (B, S), restarting at 0 in every segment
@@ -113,6 +126,7 @@ class PackedBatch:
 
     @property
     def max_seqlen(self) -> int:
+        """The row length S (an upper bound on every segment's length)."""
         return self.tokens.shape[1]
 
 
@@ -123,6 +137,8 @@ def build_batch(
     pack_len: int,
     pad_id: int = 0,
 ) -> PackedBatch:
+    """The :class:`PackedBatch` of ``rows`` (each a list of window indices into ``windows``,
+    total length at most ``pack_len``); padding is ``pad_id`` with no target."""
     batch = len(rows)
     tokens = np.full((batch, pack_len), pad_id, dtype=np.int64)
     targets = np.full((batch, pack_len), IGNORE_INDEX, dtype=np.int64)

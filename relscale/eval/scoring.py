@@ -66,6 +66,7 @@ class StartTokens:
     first_text: str = ""
 
     def describe(self) -> dict:
+        """The policy and ids as a JSON-able dict (stored in the dumps' settings)."""
         return {"policy": self.policy, "prefix_ids": list(self.prefix), "first_id": self.first}
 
 
@@ -390,6 +391,10 @@ def encode_set(eval_set: EvalSet, tokenizer, start: StartTokens | int, prefix_to
 # -------------------------------------------------------------------------------------- scoring
 @dataclass
 class ScoreSettings:
+    """How requests are scored: window length ``context`` and ``stride`` (tokens), row length
+    ``pack_len`` and tokens per forward pass ``batch_tokens``, precision ``dtype``, row
+    ``layout``. Built from options by :func:`relscale.eval.options.score_settings`."""
+
     context: int  # most tokens a window sees (default: the model's training sequence length)
     stride: int | None = None  # new targets per window after the first; None: context (lm-eval)
     pack_len: int | None = None  # row length; None: the context
@@ -403,6 +408,7 @@ class ScoreSettings:
     layout: str = "auto"
 
     def resolved(self) -> tuple[int, int, int]:
+        """(stride, pack_len, rows per batch) with the defaults filled in."""
         stride = self.stride if self.stride is not None else self.context
         pack_len = self.pack_len if self.pack_len is not None else self.context
         return stride, pack_len, max(1, self.batch_tokens // pack_len)
@@ -410,6 +416,8 @@ class ScoreSettings:
 
 @dataclass
 class ScoreResult:
+    """What :func:`score_requests` returns: per-request summed NLL and token counts, seconds."""
+
     nll: np.ndarray  # float64 (n_requests,): summed NLL (nats) of each request's scored tokens
     tokens_forward: int  # tokens run through the model, padding included
     tokens_real: int  # of which not padding
@@ -437,6 +445,8 @@ def eval_mode(model: torch.nn.Module):
 
 
 def autocast_for(device: torch.device, dtype: str):
+    """The autocast context of ``dtype`` on ``device``: bf16 for "bf16" (and "auto" on CUDA),
+    none for "fp32" (and "auto" elsewhere). ValueError for another dtype."""
     if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if dtype not in ("auto", "fp32"):
@@ -445,6 +455,7 @@ def autocast_for(device: torch.device, dtype: str):
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s (first) parameters: the one place eval asks a model this."""
     return next(model.parameters()).device
 
 

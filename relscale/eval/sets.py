@@ -102,6 +102,11 @@ def detect_kind(path: Path, text_field: str = "text") -> str:
 
 
 def load_eval_set(spec: str, opts: SetOptions) -> EvalSet:
+    """The eval set of ``spec`` (``[name=][kind:]path`` or ``default``) read as ``opts`` says,
+    cut to ``opts.limit`` examples and ``opts.max_chars`` characters per document.
+
+    Raises DataError for ``default`` without a data directory, an unknown layout, or a set with
+    no examples and no malformed rows."""
     name, kind, raw_path = parse_spec(spec)
     if kind == "default":
         if opts.data_dir is None:
