@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,12 @@ def dump_path(out_dir: str | Path, dataset: str, model_id: str) -> Path:
 def dump_files(folder: str | Path) -> list[Path]:
     """The dump files of one eval set's folder (``<out>/<dataset>``), sorted by name."""
     return sorted(p for p in Path(folder).glob(f"*{SUFFIX}") if p.is_file())
+
+
+def has_dump_columns(names: Iterable[str]) -> bool:
+    """Whether a table with these column names is per-example dump data (it has ``model_id``
+    and ``example_id``), as opposed to a per-model results table."""
+    return {"model_id", "example_id"} <= set(names)
 
 
 def is_finished_dump(path: str | Path) -> bool:

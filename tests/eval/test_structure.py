@@ -102,6 +102,8 @@ def test_dump_contract_schema_and_settings_round_trip(tmp_path):
     assert table.column("grouping").to_pylist() == ["century"]
     assert table.column("group").to_pylist() == ["19th"]
     assert dump.dump_files(path.parent) == [path]
+    assert dump.has_dump_columns(table.column_names)
+    assert not dump.has_dump_columns(["run_id", "model_id", "params"])  # a results table
     garbage = tmp_path / "x.parquet"
     garbage.write_bytes(b"not parquet")
     assert not dump.is_finished_dump(garbage)
