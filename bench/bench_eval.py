@@ -1,4 +1,4 @@
-"""Eval-room throughput: examples/s and tokens/s of per-example scoring (`relscale eval`), next to
+"""Evaluation throughput: examples/s and tokens/s of per-example scoring (`relscale eval`), next to
 the forward-pass tokens/s of training the same model.
 
 Workloads (synthetic token ids, so no tokenizer or data is needed):
