@@ -1,5 +1,7 @@
 """Config loading and validation: every rejection names the offending key."""
 
+from pathlib import Path
+
 import pytest
 
 from relscale.config import (
@@ -97,3 +99,48 @@ def test_rope_scaling_config_is_validated_naming_the_key():
     ]:
         with pytest.raises(ConfigError, match=message):
             load_train_config(None, overrides)
+
+
+def test_shipped_configs_resolve_by_name_and_paths_win(tmp_path, monkeypatch):
+    """``tiny`` / ``tiny.toml`` name the packaged file from any directory; an existing path is used
+    as it is (a local tiny.toml shadows the packaged one); anything else is refused naming it."""
+    from relscale.config import PACKAGED_CONFIGS, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("tiny") == resolve_config("tiny.toml") == PACKAGED_CONFIGS / "tiny.toml"
+    assert resolve_config("marin", "sweep") == PACKAGED_CONFIGS / "sweeps" / "marin.toml"
+    local = tmp_path / "tiny.toml"
+    local.write_text("steps = 3\n")
+    assert resolve_config("tiny.toml") == Path("tiny.toml") and load_train_config("tiny.toml").steps == 3
+    assert load_train_config("tiny").steps == 200  # a bare name: the shipped config
+    for bad in ("nope", "sub/tiny", "tiny.yaml"):
+        with pytest.raises(ConfigError, match=rf"^{bad}: config file not found .*small-gpu, tiny"):
+            resolve_config(bad)
+    with pytest.raises(ConfigError, match="marin, tiny"):
+        resolve_config("tiny-cpu", "sweep")
+
+
+def test_every_shipped_config_is_package_data_and_loads():
+    """setup.py's package_data globs cover every shipped TOML (so a wheel carries them), and each
+    loads as its kind."""
+    import ast
+
+    from relscale.config import PACKAGED_CONFIGS, packaged_configs
+    from relscale.sweep.spec import load_sweep_config
+
+    repo = PACKAGED_CONFIGS.parents[1]
+    setup = ast.parse((repo / "setup.py").read_text())
+    (globs,) = [
+        ast.literal_eval(kw.value)["relscale"]
+        for node in ast.walk(setup) if isinstance(node, ast.Call)
+        for kw in node.keywords if kw.arg == "package_data"
+    ]
+    package = PACKAGED_CONFIGS.parent
+    shipped = sorted(p.relative_to(package).as_posix() for p in PACKAGED_CONFIGS.rglob("*.toml"))
+    covered = sorted({p.relative_to(package).as_posix() for g in globs for p in package.glob(g)})
+    assert shipped and covered == shipped, (shipped, globs)  # Path.glob: "*" stops at "/", as in setuptools
+    assert set(packaged_configs("train")) == {"tiny", "small-gpu"}
+    for path in packaged_configs("train").values():
+        load_train_config(path)
+    for name, path in packaged_configs("sweep").items():
+        assert load_sweep_config(path).name == name
