@@ -136,7 +136,9 @@ class CautiousAdamC(torch.optim.Optimizer):
         return list(zip(u, phi, strict=True))
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 -- torch.optim.Optimizer.step
+    def step(self, closure=None):
+        """One C-AdamC update of every parameter with a gradient (see the class docstring);
+        ``closure`` re-evaluates the loss as in torch.optim.Optimizer.step. Returns its loss or None."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
