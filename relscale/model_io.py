@@ -44,11 +44,13 @@ FORMAT = run_dir.MODEL_FORMAT
 
 
 def _data_tokenizer(data_path: str | Path) -> tuple[Path, int | None]:
-    """(tokenizer.json, EOS id) of a prepared-data folder (its manifest names both)."""
-    from relscale.data import PreparedData
+    """(tokenizer.json, EOS id) of a prepared-data folder, read through the data's contract
+    (relscale.data.layout: the manifest names both; no shard is opened). DataError naming
+    manifest.json when it is missing or lacks either."""
+    from relscale.data import layout
 
-    data = PreparedData(data_path)
-    return data.data_dir / data.manifest["tokenizer"]["file"], data.eos_id
+    manifest = layout.read_manifest(data_path)
+    return layout.tokenizer_path(data_path, manifest), layout.eos_id(manifest, data_path)
 
 
 def save_model(
