@@ -159,7 +159,10 @@ def _steps(text: str | None) -> list[int] | None:
 
 
 def _default_out(models: list[str]) -> Path:
-    if len(models) == 1 and (Path(models[0]) / "results.parquet").is_file():
+    """SWEEP/evals when the one path given is a sweep folder, else ./evals."""
+    from relscale.sweep.layout import is_sweep_dir
+
+    if len(models) == 1 and is_sweep_dir(models[0]):
         return Path(models[0]) / "evals"
     return Path("evals")
 

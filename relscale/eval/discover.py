@@ -227,7 +227,9 @@ def _checkpoint_info(entry: ModelEntry) -> tuple[ModelConfig, dict[str, Any]]:
     fingerprint = run_folder.read_checkpoint_meta(entry.path).get("fingerprint") or {}
     model_keys = {k.split(".", 1)[1]: v for k, v in fingerprint.items() if k.startswith("model.")}
     if not model_keys:
-        raise DataError(f"{entry.path}: checkpoint.json has no model fingerprint to rebuild the model from")
+        raise DataError(
+            f"{entry.path / run_folder.CHECKPOINT_META}: no model fingerprint to rebuild the model from"
+        )
     cfg = from_dict(ModelConfig, model_keys, "model")
     cfg.validate()
     seq_len = fingerprint.get("data.seq_len")

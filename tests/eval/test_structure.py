@@ -111,3 +111,20 @@ def test_dump_contract_schema_and_settings_round_trip(tmp_path):
         dump.read_settings(garbage)
     pq.write_table(pa.table({"a": [1]}), tmp_path / "plain.parquet")  # Parquet without our metadata
     assert not dump.is_finished_dump(tmp_path / "plain.parquet")
+
+
+def test_eval_knows_run_and_sweep_folders_only_through_their_contracts():
+    """No eval module spells a file name of the sweep folder or the run folder's checkpoints:
+    they go through relscale.sweep.layout and relscale.train.run_dir (issue 16)."""
+    from relscale.sweep import layout
+    from relscale.train import run_dir
+
+    names = [layout.RESULTS_INDEX, layout.RUN_LISTING, layout.SWEEP_CONFIG, f'"{layout.MARKS_DIR}"',
+             f'"{run_dir.CHECKPOINTS}"', run_dir.CHECKPOINT_META, "step_(", ".done", "STEP_DIR", "read_meta("]
+    found = {
+        (path.name, name)
+        for path in PACKAGE.glob("*.py")
+        for name in names
+        if name in path.read_text()
+    }
+    assert found == set()
