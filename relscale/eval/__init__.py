@@ -3,11 +3,16 @@
     from relscale.eval import RunOptions, evaluate
     evaluate(["sweeps/sotu"], ["default", "mmlu:data/mmlu"], RunOptions(out_dir=Path("evals")))
 
-Modules: formats (eval sets), adapters (MMLU, Anthropic evals, BIG-bench), packing (windows and
-document-masked batches), scoring (tokenisation as lm-evaluation-harness does it, start-token
-policies, NLL, metrics), hf (Llama/Qwen3 import and export), writer (Parquet dumps), runner
-(models -> dumps, the training hook), lmeval (``--model relscale`` for lm-eval; optional extra),
-from_lmeval (lm-eval ``--log_samples`` output -> dumps), cli.
+Modules, each importing only those before it (no cycle; tests/eval/test_structure.py):
+dump (the dump contract: layout, Parquet schema, settings metadata; torch-free, what relscale.fit
+reads), formats (example types, generic readers), adapters (MMLU, Anthropic evals, BIG-bench),
+sets (eval-set specs -> eval sets), packing (windows and document-masked batches), scoring
+(tokenisation as lm-evaluation-harness does it, start-token policies, NLL, metrics), options
+(RunOptions, the scoring settings built from them), hf (Llama/Qwen3 import and export), discover
+(models under a path, through the run-folder and sweep-folder contracts), models (weights,
+tokenizer, model columns), writer (writing dumps), runner (models -> dumps), hook (the training-time
+``on_step`` dump hook), lmeval (``--model relscale`` for lm-eval; optional extra), from_lmeval
+(lm-eval ``--log_samples`` output -> dumps), cli.
 Names are imported on first use so ``relscale eval --help`` stays quick.
 """
 

@@ -203,8 +203,7 @@ def read_info(entry: ModelEntry, opts: RunOptions) -> ModelInfo:
         meta = dict(config.get("meta") or {})
     elif entry.kind == "hf":
         cfg = hf.hf_to_model_config(hf.read_hf_config(entry.path), str(entry.path / "config.json"))
-        meta_file = entry.path / hf.META_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        meta = _read_hf_meta(entry.path / hf.META_FILE)
     else:
         cfg, meta = _checkpoint_info(entry)
     meta = {**meta, **opts.meta}
@@ -212,6 +211,20 @@ def read_info(entry: ModelEntry, opts: RunOptions) -> ModelInfo:
     # intermediate checkpoint did not train the whole budget: no tokens from the name
     meta = hf.meta_from_name(_entry_name(entry), cfg, meta, str(entry.path), tokens=entry.kind != "dcp")
     return ModelInfo(cfg, meta, resolve_data_dir(opts.sets.data_dir, meta))
+
+
+def _read_hf_meta(path: Path) -> dict[str, Any]:
+    """The relscale meta stored next to an exported Hugging Face checkpoint (empty when absent);
+    DataError naming the file when it is not a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: unreadable model meta ({err})") from err
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: unreadable model meta (not a JSON object)")
+    return meta
 
 
 def _entry_name(entry: ModelEntry) -> str:

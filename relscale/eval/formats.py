@@ -282,7 +282,7 @@ def text_set_from_prepared(data_dir: Path, split: str = "val", group_by: list[st
     index = data.documents(split)
     columns = list(index.columns) if hasattr(index, "columns") else list(index.column_names)
     if group_by is None:
-        declared = getattr(data, "group_fields", None)
+        declared = data.group_fields
         group_by = [f for f in declared if f in columns] if declared is not None else []
     missing = [f for f in group_by if f not in columns]
     if missing:

@@ -185,3 +185,17 @@ def test_beginning_token_prefers_bos_then_eos(tmp_path, tokenizer):
     assert hf.beginning_token(tmp_path, tokenizer) == 7
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<|endoftext|>"}}))
     assert hf.beginning_token(tmp_path, tokenizer) == tokenizer.token_to_id("<|endoftext|>")
+
+
+def test_an_unreadable_meta_file_is_named(tmp_path):
+    """relscale_meta.json next to an exported checkpoint: read into the model's meta; garbage
+    there is a DataError naming the file, not a raw JSON error."""
+    from relscale.eval.discover import discover_models, read_info
+    from relscale.eval.options import RunOptions
+
+    hf.export_hf(tiny_model(VOCAB, seed=5), tmp_path / "hf", meta={"tokens": 1000, "seq_len": 32})
+    [entry] = discover_models([tmp_path / "hf"])
+    assert read_info(entry, RunOptions()).meta["tokens"] == 1000
+    (tmp_path / "hf" / hf.META_FILE).write_text("{not json")
+    with pytest.raises(DataError, match=r"relscale_meta\.json: unreadable model meta"):
+        read_info(entry, RunOptions())
