@@ -42,6 +42,7 @@ from relscale.sweep.registry import (
     write_atomic,
 )
 from relscale.sweep.results import result_row, update_index
+from relscale.train import run_dir as run_folder  # torch-free run-folder contract
 
 EXECUTORS = ("inprocess", "local-gpus", "torchrun", "slurm")
 
@@ -124,8 +125,11 @@ class _Trainer:
 
     def inprocess(self, cfg, on_step) -> dict[str, Any]:
         from relscale.train import train
+        from relscale.train.cli import dump_hook_for  # relscale.eval's dump hook when cfg.dump_steps is set
 
-        result = train(cfg, resume=True, data=self.data(cfg.data.path), progress=False, on_step=on_step)
+        dump = dump_hook_for(cfg)
+        hooks = [on_step] if dump is None else [dump, on_step]
+        result = train(cfg, resume=True, data=self.data(cfg.data.path), progress=False, on_step=hooks)
         return asdict(result)
 
     def torchrun(self, cfg, run_dir: Path, heartbeat: Heartbeat) -> dict[str, Any]:
@@ -142,8 +146,7 @@ class _Trainer:
                     process.wait()
                     raise LeaseLost()
                 time.sleep(0.5)
-        result_path = Path(cfg.out_dir) / "result.json"
-        result = json.loads(result_path.read_text()) if result_path.exists() else None
+        result = run_folder.read_result(cfg.out_dir)  # None while unfinished; DataError naming a garbage file
         if result is not None and result.get("status") == "diverged":
             from relscale.train import TrainingDiverged
 
@@ -195,8 +198,7 @@ def run_claim(sweep: Sweep, claim: Claim, trainer: _Trainer, worker: str,
             status = "done"
         except TrainingDiverged as err:
             status, error = "diverged", str(err)
-            path = run_dir / "result.json"
-            result = json.loads(path.read_text()) if path.exists() else None
+            result = run_folder.read_result(run_dir)
         except LeaseLost:
             status = "lost"
         except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relscale.config import TrainConfig, from_dict, read_toml, to_dict
+from relscale.config import TrainConfig, from_dict, read_toml, resolve_config, to_dict
 from relscale.errors import ConfigError
 
 RULES = ("marin", "fixed")
@@ -344,7 +344,9 @@ def sweep_config_from_dict(data: dict[str, Any], where: str = "", *,
 
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
-    """The validated SweepConfig of a TOML file (ConfigError naming the file and the key)."""
+    """The validated SweepConfig of a TOML file, or of a shipped sweep config by name (``tiny``,
+    ``marin``); ConfigError naming the file and the key."""
+    path = resolve_config(path, "sweep")
     return sweep_config_from_dict(read_toml(path), where=str(path))
 
 

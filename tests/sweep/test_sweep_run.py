@@ -123,6 +123,20 @@ def test_nan_runs_are_marked_diverged_and_not_retried(tmp_path, micro_config, on
         assert json.loads((sweep.run_dir(record) / "result.json").read_text())["status"] == "diverged"
 
 
+def test_in_process_workers_write_the_dumps_of_dump_steps(tmp_path, micro_config, one_thread):
+    # The trainer only calls on_step hooks; the in-process executor must attach the dump hook itself.
+    from relscale.config import TrainConfig
+
+    train = TrainConfig(ckpt_interval=5, eval_batches=2, log_interval=5, progress=False, dump_steps=[4])
+    cfg = micro_config(budgets=[2e8], width=WidthRule(min=16, max=16, step=16), train=train)
+    sweep = init_sweep(tmp_path / "dumps", cfg)
+    assert worker_loop(sweep.root, WorkerOptions(**FAST)) == {"done": 1}
+    (record,) = sweep.records
+    dumps = sorted((sweep.run_dir(record) / "evals").rglob("*.parquet"))
+    assert dumps and all("step_0000004" in str(path) for path in dumps)
+    assert pq.read_table(dumps[0]).num_rows > 0
+
+
 def test_failing_runs_are_retried_then_failed(tmp_path, micro_config, one_thread, sotu_subset):
     datasets = [DatasetSpec("sotu", sotu_subset), DatasetSpec("gone", str(tmp_path / "gone"))]
     cfg = micro_config(budgets=[2e8], vocab_size=512, datasets=datasets)
