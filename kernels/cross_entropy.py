@@ -384,23 +384,23 @@ def cross_entropy(
     targets: torch.Tensor,
     ignore_index: int = -100,
     reduction: str = "mean",
-    z_loss_weight: float = 0.0,
+    z_loss: float = 0.0,
     softcap: float | None = None,
     return_z_loss: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of (N, V) logits against (N,) targets; fp32 result.
 
     reduction "mean" averages over non-ignored targets (0 when all are ignored), "sum" adds, "none"
-    gives per-token losses (0 at ignored ones). z_loss_weight adds w * logsumexp^2 per token;
-    softcap applies softcap * tanh(logits / softcap) first. With ``return_z_loss`` also returns
-    the z-loss term, reduced the same way, detached (for logging).
+    gives per-token losses (0 at ignored ones). z_loss adds z_loss * logsumexp^2 per token (PaLM's
+    auxiliary loss); softcap applies softcap * tanh(logits / softcap) first. With ``return_z_loss``
+    also returns the z-loss term, reduced the same way, detached (for logging).
     """
-    args = (int(ignore_index), reduction, float(z_loss_weight), None if softcap is None else float(softcap))
+    args = (int(ignore_index), reduction, float(z_loss), None if softcap is None else float(softcap))
     if torch.is_grad_enabled() and logits.requires_grad:
-        loss, z_loss = CrossEntropyFunction.apply(logits, targets, *args)
+        loss, z_term = CrossEntropyFunction.apply(logits, targets, *args)
     else:  # evaluation: loss only, one pass, no gradient buffer
-        loss, z_loss, _ = torch.ops.relscale.cross_entropy_fwd_(logits, targets, logits.new_empty(0), *args)
-    return (loss, z_loss) if return_z_loss else loss
+        loss, z_term, _ = torch.ops.relscale.cross_entropy_fwd_(logits, targets, logits.new_empty(0), *args)
+    return (loss, z_term) if return_z_loss else loss
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -410,7 +410,7 @@ class CrossEntropyLoss(torch.nn.Module):
         self,
         ignore_index: int = -100,
         reduction: str = "mean",
-        z_loss_weight: float = 0.0,
+        z_loss: float = 0.0,
         softcap: float | None = None,
         return_z_loss: bool = False,
     ) -> None:
@@ -418,10 +418,10 @@ class CrossEntropyLoss(torch.nn.Module):
         check_reduction(reduction)
         check_softcap(softcap)
         self.ignore_index, self.reduction = ignore_index, reduction
-        self.z_loss_weight, self.softcap, self.return_z_loss = z_loss_weight, softcap, return_z_loss
+        self.z_loss, self.softcap, self.return_z_loss = z_loss, softcap, return_z_loss
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor):
         return cross_entropy(
-            logits, targets, self.ignore_index, self.reduction, self.z_loss_weight, self.softcap,
+            logits, targets, self.ignore_index, self.reduction, self.z_loss, self.softcap,
             self.return_z_loss,
         )

@@ -332,7 +332,7 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     ignore_index: int = -100,
     reduction: str = "mean",
-    z_loss_weight: float = 0.0,
+    z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
     return_z_loss: bool = False,
@@ -343,17 +343,17 @@ def linear_cross_entropy(
     Under autocast, hidden and weight are cast to the autocast dtype first (GEMMs in bf16/fp16)."""
     hidden, weight = autocast_inputs(hidden, weight)
     args = (
-        int(ignore_index), reduction, float(z_loss_weight), None if softcap is None else float(softcap),
+        int(ignore_index), reduction, float(z_loss), None if softcap is None else float(softcap),
         int(chunk_size or 0),
     )
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        loss, z_loss = LinearCrossEntropyFunction.apply(hidden, weight, targets, *args)
+        loss, z_term = LinearCrossEntropyFunction.apply(hidden, weight, targets, *args)
     else:  # evaluation: losses only, no gradient buffers
         empty_h, empty_w = hidden.new_empty(0), weight.new_empty(0)
-        loss, z_loss, _ = torch.ops.relscale.linear_cross_entropy_fwd_(
+        loss, z_term, _ = torch.ops.relscale.linear_cross_entropy_fwd_(
             hidden, weight, targets, empty_h, empty_w, *args
         )
-    return (loss, z_loss) if return_z_loss else loss
+    return (loss, z_term) if return_z_loss else loss
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -364,7 +364,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self,
         ignore_index: int = -100,
         reduction: str = "mean",
-        z_loss_weight: float = 0.0,
+        z_loss: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
         return_z_loss: bool = False,
@@ -372,11 +372,11 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         super().__init__()
         check_reduction(reduction)
         check_softcap(softcap)
-        self.ignore_index, self.reduction, self.z_loss_weight = ignore_index, reduction, z_loss_weight
+        self.ignore_index, self.reduction, self.z_loss = ignore_index, reduction, z_loss
         self.softcap, self.chunk_size, self.return_z_loss = softcap, chunk_size, return_z_loss
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
         return linear_cross_entropy(
-            hidden, weight, targets, self.ignore_index, self.reduction, self.z_loss_weight, self.softcap,
+            hidden, weight, targets, self.ignore_index, self.reduction, self.z_loss, self.softcap,
             self.chunk_size, self.return_z_loss,
         )

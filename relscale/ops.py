@@ -258,7 +258,7 @@ def attention_reference(
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens: torch.Tensor | None = None,
-    scale: float | None = None,
+    softmax_scale: float | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention on (B, S, H, D) tensors; with ``cu_seqlens`` no token attends across a
@@ -270,15 +270,15 @@ def attention_reference(
     if groups > 1:
         kt, vt = kt.repeat_interleave(groups, dim=1), vt.repeat_interleave(groups, dim=1)
     if cu_seqlens is None:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=softmax_scale)
     else:
         mask = _attention_mask(q, cu_seqlens)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=softmax_scale)
     out = out.transpose(1, 2)
     if not return_lse:
         return out
-    scale = default_softmax_scale(q.shape[-1]) if scale is None else scale
-    scores = torch.einsum("bhsd,bhtd->bhst", qt.float(), kt.float()) * scale
+    softmax_scale = default_softmax_scale(q.shape[-1]) if softmax_scale is None else softmax_scale
+    scores = torch.einsum("bhsd,bhtd->bhst", qt.float(), kt.float()) * softmax_scale
     scores = scores.masked_fill(~_attention_mask(q, cu_seqlens)[:, None], float("-inf"))
     return out, torch.logsumexp(scores, dim=-1)
 
@@ -290,13 +290,13 @@ def attention(
     *,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
-    scale: float | None = None,
+    softmax_scale: float | None = None,
     deterministic: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal (document-masked when ``cu_seqlens`` is given) attention, (B, S, H, D) layout, GQA when
-    k/v have fewer heads. ``scale`` defaults to 1/sqrt(D).
+    k/v have fewer heads. ``softmax_scale`` defaults to 1/sqrt(D).
 
     ``deterministic=True`` makes the Triton backward compute dQ without atomics (same bits every
     run, ~1.4x the backward's matmuls); the torch reference is as deterministic as torch's own
@@ -313,7 +313,7 @@ def attention(
             doc_len = seq
         else:
             doc_len = max_seqlen if max_seqlen is not None else seq
-        softmax_scale = scale if scale is not None else default_softmax_scale(q.shape[-1])
+        softmax_scale = softmax_scale if softmax_scale is not None else default_softmax_scale(q.shape[-1])
         out, lse = fa.FlashAttentionFunction.apply(
             *flat, cu_seqlens, doc_len, True, float(softmax_scale), deterministic
         )
@@ -321,7 +321,7 @@ def attention(
         if not return_lse:
             return out
         return out, lse.view(q.shape[2], batch, seq).transpose(0, 1)
-    return attention_reference(q, k, v, cu_seqlens, scale, return_lse)
+    return attention_reference(q, k, v, cu_seqlens, softmax_scale, return_lse)
 
 
 # --------------------------------------------------------------------------------- cross-entropy
@@ -376,7 +376,7 @@ def cross_entropy(
         from relscale.kernels.cross_entropy import cross_entropy as cross_entropy_triton
 
         return cross_entropy_triton(
-            logits, targets, ignore_index=ignore_index, reduction=reduction, z_loss_weight=z_loss,
+            logits, targets, ignore_index=ignore_index, reduction=reduction, z_loss=z_loss,
             softcap=softcap,
         )
     return cross_entropy_reference(logits, targets, ignore_index, reduction, z_loss, softcap)
@@ -401,7 +401,7 @@ def linear_cross_entropy(
         from relscale.kernels.fused_linear_ce import linear_cross_entropy as flce
 
         return flce(
-            hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, z_loss_weight=z_loss,
+            hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, z_loss=z_loss,
             softcap=softcap,
         )
     logits = hidden @ weight.t()

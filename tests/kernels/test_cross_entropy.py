@@ -13,12 +13,12 @@ GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 VARIANTS = {"plain": (0.0, None), "zloss_softcap": (1e-2, 4.0)}
 
 
-def torch_loss(logits, targets, reduction="mean", z_loss_weight=0.0, softcap=None):
+def torch_loss(logits, targets, reduction="mean", z_loss=0.0, softcap=None):
     """The same loss with torch ops in logits' dtype (float64 in: the reference)."""
     z = softcap * torch.tanh(logits / softcap) if softcap else logits
     valid = targets != IGNORE
     losses = F.cross_entropy(z, targets, ignore_index=IGNORE, reduction="none")
-    losses = losses + z_loss_weight * torch.logsumexp(z, dim=-1).pow(2) * valid
+    losses = losses + z_loss * torch.logsumexp(z, dim=-1).pow(2) * valid
     if reduction == "none":
         return losses
     if reduction == "sum":
@@ -63,11 +63,11 @@ def _assert_rel(ours, ref, rel, floor=1e-12):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_matches_float64_reference(dtype, reduction, variant):
-    z_loss_weight, softcap = VARIANTS[variant]
+    z_loss, softcap = VARIANTS[variant]
     logits, targets, gen = _inputs(37, 1031, dtype)
     # Non-uniform upstream gradient: a random weight per token for "none", a scalar != 1 otherwise.
     grad_out = _rand(37, gen=gen) + 0.5 if reduction == "none" else torch.tensor(1.7, device=DEVICE)
-    kw = dict(reduction=reduction, z_loss_weight=z_loss_weight, softcap=softcap)
+    kw = dict(reduction=reduction, z_loss=z_loss, softcap=softcap)
     loss, grad = _loss_and_grad(_ours, logits, targets, grad_out, **kw)
     ref_loss, ref_grad = _loss_and_grad(torch_loss, logits.double(), targets, grad_out.double(), **kw)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
@@ -86,7 +86,7 @@ def test_all_ignored_gives_zero_not_nan(reduction):
         targets,
         None if reduction != "none" else torch.ones(6, device=DEVICE),
         reduction=reduction,
-        z_loss_weight=1e-2,
+        z_loss=1e-2,
     )
     assert torch.equal(loss, torch.zeros_like(loss))
     assert torch.equal(grad, torch.zeros_like(grad))
@@ -108,9 +108,9 @@ def test_large_logits_and_shift_invariance():
 def test_moderate_vocabulary():
     logits, targets, gen = _inputs(5, 50257, torch.float32, ignore_every=3)
     grad_out = _rand(5, gen=gen)
-    loss, grad = _loss_and_grad(_ours, logits, targets, grad_out, reduction="none", z_loss_weight=1e-4)
+    loss, grad = _loss_and_grad(_ours, logits, targets, grad_out, reduction="none", z_loss=1e-4)
     ref_loss, ref_grad = _loss_and_grad(
-        torch_loss, logits.double(), targets, grad_out.double(), reduction="none", z_loss_weight=1e-4
+        torch_loss, logits.double(), targets, grad_out.double(), reduction="none", z_loss=1e-4
     )
     _assert_rel(loss, ref_loss, 1e-6)
     _assert_rel(grad, ref_grad, 1e-5)
@@ -120,10 +120,10 @@ def test_moderate_vocabulary():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_low_precision_error_within_twice_torch_own(dtype, variant):
     # FlashAttention's criterion: our error vs float64 <= 2x torch's error doing the same in dtype.
-    z_loss_weight, softcap = VARIANTS[variant]
+    z_loss, softcap = VARIANTS[variant]
     logits, targets, gen = _inputs(32, 517, dtype)
     grad_out = _rand(32, gen=gen) + 0.5
-    kw = dict(reduction="none", z_loss_weight=z_loss_weight, softcap=softcap)
+    kw = dict(reduction="none", z_loss=z_loss, softcap=softcap)
     loss, grad = _loss_and_grad(_ours, logits, targets, grad_out, **kw)
     low_loss, low_grad = _loss_and_grad(torch_loss, logits, targets, grad_out.to(dtype), **kw)
     ref_loss, ref_grad = _loss_and_grad(torch_loss, logits.double(), targets, grad_out.double(), **kw)
@@ -133,13 +133,13 @@ def test_low_precision_error_within_twice_torch_own(dtype, variant):
 
 def test_z_loss_value_and_module():
     logits, targets, _ = _inputs(20, 77, torch.float32)
-    module = CrossEntropyLoss(z_loss_weight=0.01, return_z_loss=True)
+    module = CrossEntropyLoss(z_loss=0.01, return_z_loss=True)
     loss, z_loss = module(logits, targets)
     valid = targets != IGNORE
     lse = torch.logsumexp(logits.double(), -1)
     expected_z = 0.01 * (lse.pow(2) * valid).sum() / valid.sum()
     torch.testing.assert_close(z_loss.double(), expected_z, rtol=1e-6, atol=0)
-    expected = torch_loss(logits.double(), targets, z_loss_weight=0.01)
+    expected = torch_loss(logits.double(), targets, z_loss=0.01)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
     assert not z_loss.requires_grad
 
@@ -206,7 +206,7 @@ def test_torch_compile_fullgraph():
     # aot_eager traces forward and backward through the custom ops as inductor would (inductor
     # itself is skipped only because compiling C++ on this CPU takes ~20 s).
     def loss_fn(logits, targets, weights):
-        return (cross_entropy(logits * 2, targets, reduction="none", z_loss_weight=1e-3) * weights).sum()
+        return (cross_entropy(logits * 2, targets, reduction="none", z_loss=1e-3) * weights).sum()
 
     logits, targets, gen = _inputs(8, 45, torch.float32)
     weights = _rand(8, gen=gen)

@@ -16,13 +16,13 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 5e-2, torch.float16: 8e-3}
 VARIANTS = {"plain": (0.0, None), "zloss_softcap": (1e-2, 4.0)}
 
 
-def torch_loss(hidden, weight, targets, reduction="mean", z_loss_weight=0.0, softcap=None):
+def torch_loss(hidden, weight, targets, reduction="mean", z_loss=0.0, softcap=None):
     """Unfused torch computation in the inputs' dtype (float64 in: the reference)."""
     logits = hidden @ weight.t()
     z = softcap * torch.tanh(logits / softcap) if softcap else logits
     valid = targets != IGNORE
     losses = F.cross_entropy(z, targets, ignore_index=IGNORE, reduction="none")
-    losses = losses + z_loss_weight * torch.logsumexp(z, dim=-1).pow(2) * valid
+    losses = losses + z_loss * torch.logsumexp(z, dim=-1).pow(2) * valid
     if reduction == "none":
         return losses
     if reduction == "sum":
@@ -63,10 +63,10 @@ def _assert_rel(ours, ref, rel):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_matches_float64_reference(dtype, reduction, variant):
-    z_loss_weight, softcap = VARIANTS[variant]
+    z_loss, softcap = VARIANTS[variant]
     hidden, weight, targets, gen = _inputs(37, 19, 257, dtype)
     grad_out = _rand(37, gen=gen) + 0.5 if reduction == "none" else torch.tensor(0.7, device=DEVICE)
-    kw = dict(reduction=reduction, z_loss_weight=z_loss_weight, softcap=softcap)
+    kw = dict(reduction=reduction, z_loss=z_loss, softcap=softcap)
     # 16-row chunks: three chunks, the last one partial.
     loss, dh, dw = _run(linear_cross_entropy, hidden, weight, targets, grad_out, chunk_size=16, **kw)
     ref_loss, ref_dh, ref_dw = _run(
@@ -83,7 +83,7 @@ def test_matches_float64_reference(dtype, reduction, variant):
 def test_same_as_unfused_kernel_path_for_any_chunking(reduction):
     hidden, weight, targets, gen = _inputs(29, 24, 131, torch.float32, seed=1)
     grad_out = _rand(29, gen=gen) if reduction == "none" else torch.tensor(1.0, device=DEVICE)
-    kw = dict(reduction=reduction, z_loss_weight=1e-3)
+    kw = dict(reduction=reduction, z_loss=1e-3)
     unfused = _run(
         lambda h, w, t, **k: cross_entropy(h @ w.t(), t, **k), hidden, weight, targets, grad_out, **kw
     )
@@ -149,13 +149,13 @@ def test_all_ignored_and_module_z_loss():
         loss.item() == 0.0 and torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
     )
     targets = torch.tensor([1, IGNORE, 3, 4, 19, 0], device=DEVICE)
-    module = LinearCrossEntropyLoss(z_loss_weight=0.01, reduction="sum", return_z_loss=True)
+    module = LinearCrossEntropyLoss(z_loss=0.01, reduction="sum", return_z_loss=True)
     loss, z_loss = module(hidden, weight, targets)
     lse = torch.logsumexp(hidden.double() @ weight.double().t(), -1)
     torch.testing.assert_close(
         z_loss.double(), 0.01 * (lse.pow(2) * (targets != IGNORE)).sum(), rtol=1e-6, atol=0
     )
-    expected = torch_loss(hidden.double(), weight.double(), targets, reduction="sum", z_loss_weight=0.01)
+    expected = torch_loss(hidden.double(), weight.double(), targets, reduction="sum", z_loss=0.01)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
 
 
@@ -239,7 +239,7 @@ def test_torch_compile_fullgraph():
     # aot_eager traces forward and backward through the custom ops as inductor would (inductor
     # itself is skipped only because compiling C++ on this CPU takes ~20 s).
     def loss_fn(hidden, weight, targets):
-        return linear_cross_entropy(hidden * 2, weight, targets, z_loss_weight=1e-3, chunk_size=4)
+        return linear_cross_entropy(hidden * 2, weight, targets, z_loss=1e-3, chunk_size=4)
 
     hidden, weight, targets, _ = _inputs(10, 6, 29, torch.float32, seed=7)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
