@@ -128,3 +128,16 @@ def test_eval_knows_run_and_sweep_folders_only_through_their_contracts():
         if name in path.read_text()
     }
     assert found == set()
+
+
+def test_package_exports_resolve():
+    """Every name relscale.eval offers lazily (relscale/demo.py, relscale/train/cli.py use them)
+    is found in its module, and the compatibility names of runner.py still import."""
+    import importlib
+
+    for name in relscale.eval.__all__:
+        assert getattr(relscale.eval, name) is not None, name
+    runner = importlib.import_module("relscale.eval.runner")
+    for name in ("RunOptions", "discover_models", "read_info", "load_weights", "load_tokenizer_for",
+                 "model_columns", "own_tokenizer", "_sweep_runs", "evaluate", "Evaluator"):
+        assert hasattr(runner, name), name
