@@ -20,6 +20,7 @@ import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
 from relscale.errors import DataError
+from relscale.eval import dump as eval_dump  # the eval-dump contract (torch-free)
 from relscale.sweep import layout as sweep_layout  # torch-free (tests/sweep/test_layout.py)
 
 from .diagnostics import DroppedDataWarning, warn
@@ -160,7 +161,7 @@ def _expand_paths(paths: str | Path | Iterable[str | Path], pattern: str) -> lis
 def read_dumps(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Concatenate per-example eval dumps (Parquet files or folders of them), recording file and row."""
     frames = []
-    for path in _expand_paths(paths, "*.parquet"):
+    for path in _expand_paths(paths, f"*{eval_dump.SUFFIX}"):
         try:
             frame = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises several types for corrupt files
@@ -701,14 +702,14 @@ def _detect_kind(paths: list[Path]) -> str:
     if first.is_dir():
         if sweep_layout.results_path(first).exists():
             return "index"
-        if any(first.rglob("*.parquet")) or not any(first.glob("*.csv")):
+        if any(first.rglob(f"*{eval_dump.SUFFIX}")) or not any(first.glob("*.csv")):
             return "dumps"
         return "table"
     if first.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         names = set(pq.read_schema(first).names)
-        if "example_id" in names:
+        if eval_dump.has_dump_columns(names):
             return "dumps"
         if "run_id" in names:
             return "index"
