@@ -1,6 +1,7 @@
-"""Atomic file writes, used by every room: a reader sees the old file or the new one, never half,
-and a crash (or a full disk) mid-write leaves no partial file behind. Pure standard library, so
-``relscale.fit`` can use it without importing torch.
+"""Atomic file writes, used by every part: a reader sees the old file or the new one, never half,
+and a crash (or a full disk) mid-write leaves no partial file behind; and the one reader of the
+small JSON files those writes produce. Pure standard library, so ``relscale.fit`` and the on-disk
+contracts can use it without importing torch.
 
 Files get the mode a plain ``open(path, "w")`` would give them (``0o666 & ~umask``): the temporary
 file that ``tempfile.mkstemp`` creates is private (0600), and results on a shared file system must
@@ -10,6 +11,7 @@ stay readable by the teammates the umask admits.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -101,3 +103,23 @@ def atomic_write_text(path: str | Path, text: str, *, overwrite: bool = True, fs
     """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write`."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
                         overwrite=overwrite, fsync=fsync)
+
+
+def read_json_object(path: str | Path, what: str, hint: str = "") -> dict[str, Any] | None:
+    """The JSON object stored in ``path``, or None when there is no such file.
+
+    ``what`` names the file's role in errors ("run result", "manifest"); ``hint`` is appended to
+    them (e.g. what to do about it). Raises relscale.errors.DataError naming the file when it is not
+    valid UTF-8 JSON or holds something other than an object."""
+    from relscale.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: unreadable {what} ({err}){hint}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: unreadable {what} (a JSON {type(data).__name__}, not an object){hint}")
+    return data

@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from relscale.atomic import atomic_write_text
+from relscale.atomic import atomic_write_text, read_json_object
 from relscale.errors import DataError
 
 FORMAT_VERSION = 1
@@ -63,14 +63,9 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     JSON (or not a JSON object), or when its ``format_version`` is not :data:`FORMAT_VERSION`.
     """
     path = manifest_path(data_dir)
-    if not path.is_file():
+    manifest = read_json_object(path, "manifest")
+    if manifest is None:
         raise DataError(f"{data_dir}: not a prepared data folder (no {MANIFEST}); run `relscale prepare`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: unreadable manifest ({error})") from error
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: unreadable manifest (a JSON {type(manifest).__name__}, not an object)")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise DataError(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relscale.atomic import read_json_object
 from relscale.config import ModelConfig, from_dict, model_config_from_dict
 from relscale.errors import DataError
 from relscale.eval import hf
@@ -216,15 +217,7 @@ def read_info(entry: ModelEntry, opts: RunOptions) -> ModelInfo:
 def _read_hf_meta(path: Path) -> dict[str, Any]:
     """The relscale meta stored next to an exported Hugging Face checkpoint (empty when absent);
     DataError naming the file when it is not a JSON object."""
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: unreadable model meta ({err})") from err
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: unreadable model meta (not a JSON object)")
-    return meta
+    return read_json_object(path, "model meta") or {}
 
 
 def _entry_name(entry: ModelEntry) -> str:

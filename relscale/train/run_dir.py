@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from relscale.atomic import read_json_object
 from relscale.errors import DataError
 
 TRAIN_CONFIG = "train_config.json"
@@ -157,7 +158,7 @@ def read_train_config(run_dir: str | Path) -> dict[str, Any] | None:
     back into a TrainConfig), or None for a run folder written before it was stored.
 
     Raises DataError naming the file when it exists but is unreadable."""
-    return _read_json_object(train_config_path(run_dir), "run config")
+    return read_json_object(train_config_path(run_dir), "run config")
 
 
 def read_result(run_dir: str | Path) -> dict[str, Any] | None:
@@ -166,7 +167,7 @@ def read_result(run_dir: str | Path) -> dict[str, Any] | None:
 
     Raises DataError naming the file when it is unreadable or has no ``status``."""
     path = result_path(run_dir)
-    stored = _read_json_object(path, "run result", hint="; move it away to train this run again")
+    stored = read_json_object(path, "run result", hint="; move it away to train this run again")
     if stored is not None and "status" not in stored:
         raise DataError(f"{path}: not a run result (no status); move it away to train this run again")
     return stored
@@ -192,18 +193,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _read_json_object(path: Path, what: str, hint: str = "") -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: unreadable {what} ({err}){hint}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: unreadable {what} (not a JSON object){hint}")
-    return data
-
-
 # ------------------------------------------------------------------------------------ model folder
 def read_model_folder_config(model_dir: str | Path) -> dict[str, Any]:
     """``config.json`` of a model folder written by relscale.model_io.save_model: ``format``,
@@ -212,15 +201,11 @@ def read_model_folder_config(model_dir: str | Path) -> dict[str, Any]:
 
     Raises DataError naming config.json when it is missing, not JSON or not a relscale model."""
     path = Path(model_dir) / MODEL_CONFIG
-    if not path.is_file():
+    config = read_json_object(path, "model config")
+    if config is None:
         raise DataError(f"{path}: no model config (expected a directory written by relscale train)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
-        got = config.get("format") if isinstance(config, dict) else None
-        raise DataError(f"{path}: not a relscale model config (format={got!r})")
+    if config.get("format") != MODEL_FORMAT:
+        raise DataError(f"{path}: not a relscale model config (format={config.get('format')!r})")
     return config
 
 
