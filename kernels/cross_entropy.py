@@ -211,11 +211,13 @@ def mean_scale(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 
 def check_reduction(reduction: str) -> None:
+    """ValueError unless ``reduction`` is "mean", "sum" or "none" (as torch's cross_entropy)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def check_softcap(softcap: float | None) -> None:
+    """ValueError unless ``softcap`` is None or > 0 (logits -> softcap * tanh(logits / softcap), Gemma 2)."""
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
 
@@ -235,6 +237,8 @@ def _check(logits: torch.Tensor, targets: torch.Tensor, reduction: str, softcap:
 def reduce_losses(
     losses: torch.Tensor, z_losses: torch.Tensor, reduction: str, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token fp32 ``losses`` and ``z_losses`` (N,) reduced as asked: "none" keeps them, "sum" adds,
+    "mean" multiplies the sums by ``scale`` (a 0-d tensor: 1 / non-ignored tokens, 0 when all are ignored)."""
     if reduction == "none":
         return losses, z_losses
     if reduction == "sum":

@@ -12,6 +12,7 @@ from relscale.errors import RelscaleError
 
 
 def bench_dir() -> Path:
+    """The source checkout's ``bench/`` folder; RelscaleError when relscale is installed without it."""
     path = Path(__file__).resolve().parents[1] / "bench"
     if not (path / "run_all.py").is_file():
         raise RelscaleError(f"{path}/run_all.py not found: `relscale bench` needs a source checkout")
@@ -19,12 +20,14 @@ def bench_dir() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``relscale bench`` flags: ``--profile ci|full`` and repeatable ``--only NAME``."""
     parser.add_argument("--profile", choices=("ci", "full"), default=None,
                         help="'full': the GPU shapes (default on a GPU); 'ci': tiny shapes (default on CPU)")
     parser.add_argument("--only", action="append", default=[], help="benchmark name (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``bench/run_all.py`` with the parsed flags in a subprocess; returns its exit status."""
     command = [sys.executable, str(bench_dir() / "run_all.py")]
     if args.profile:
         command += ["--profile", args.profile]

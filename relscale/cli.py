@@ -48,6 +48,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(chosen: str | None) -> argparse.ArgumentParser:
+    """The ``relscale`` argument parser; only the ``chosen`` subcommand's flags are added (its
+    module is imported lazily, so ``relscale fit`` never imports torch)."""
     parser = _Parser(prog="relscale", description=__doc__.split("\n\n")[0])
     parser.add_argument(DEBUG_FLAG, action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

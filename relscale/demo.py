@@ -53,6 +53,8 @@ CPU_BATCH = 8
 
 @dataclass
 class DemoResult:
+    """What ``run_demo`` did: the output folder, runs trained and dumps written, the fit report per
+    grouping, the wall time in seconds and the sizing plan (budgets in flops_marin, widths per budget)."""
     out_dir: Path
     runs: int
     dumps: int
@@ -62,6 +64,8 @@ class DemoResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``relscale demo`` flags: ``--out``, ``--minutes``, ``--device``, ``--budgets``, ``--vocab-size``,
+    ``--n-boot``, ``--threads``."""
     parser.add_argument("--out", default="relscale_demo", help="output folder (re-used on re-runs)")
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-time target for the whole demo")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -75,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the demo as parsed by :func:`add_arguments`; returns the exit status (0)."""
     run_demo(
         args.out, minutes=args.minutes, device=args.device, budgets=args.budgets,
         vocab_size=args.vocab_size, n_boot=args.n_boot, threads=args.threads,

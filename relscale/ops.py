@@ -225,10 +225,13 @@ def apply_rope(
 
 # ---------------------------------------------------------------------------------------- swiglu
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (Shazeer 2020, GLU variants), any shape, in the inputs' dtype."""
     return F.silu(gate) * up
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """silu(gate) * up of two same-shape tensors (..., d_ff), routed to the extension or torch by
+    ``backend`` (see the table at the top of this module); differentiable."""
     if resolve("swiglu", backend, gate.device.type) == "cuda":
         from relscale import ext
 

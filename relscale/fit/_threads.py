@@ -37,6 +37,8 @@ def _loaded_openblas() -> list[tuple[object, object]]:
 
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
+    """Context manager: BLAS limited to one thread while it is open (threadpoolctl when installed,
+    else the usual environment variables); the vectorised bootstrap is faster that way on few cores."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

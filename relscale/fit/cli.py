@@ -13,6 +13,8 @@ from .report import WHAT, run_fit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``relscale fit`` flags: inputs, what to fit, metric and transform, column names, FLOP
+    convention, budgets, baseline, grouping, bootstrap settings and the output folder."""
     parser.add_argument(
         "inputs",
         nargs="+",
@@ -120,6 +122,8 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``relscale fit`` as parsed by :func:`add_arguments`; returns 0. ConfigError / DataError
+    (exit 2 through the top-level CLI) for flags no fit can use or unreadable inputs."""
     _check_flags(args)
     columns = {
         ("model_id" if role == "model" else role): getattr(args, f"{role}_col")

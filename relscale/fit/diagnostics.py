@@ -37,4 +37,5 @@ class DroppedDataWarning(FitWarning):
 
 def warn(category: type[FitWarning], message: str) -> None:
     # stacklevel 3: point at the caller of the public fit function, not at this helper.
+    """Issue a fit warning of ``category`` pointing at the caller of the public fit function."""
     warnings.warn(message, category, stacklevel=3)

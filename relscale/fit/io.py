@@ -96,6 +96,8 @@ class FitData:
 
 
 def apply_transform(values: np.ndarray, transform: str) -> np.ndarray:
+    """``values`` mapped by one of :data:`TRANSFORMS` (identity, log, ...) in float64; DataError for
+    an unknown name. Invalid results (log of 0) become inf/NaN and are dropped later with a warning."""
     if transform not in TRANSFORMS:
         raise DataError(f"unknown transform {transform!r}; choose one of {sorted(TRANSFORMS)}")
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -64,6 +64,10 @@ class BudgetFit:
 
 @dataclass(frozen=True)
 class IsoFlopResult:
+    """Result of :func:`fit_isoflop` (Chinchilla approach 2, Hoffmann et al. 2022): one parabola fit
+    per budget and the frontier laws N* = a C^b, D* and L* against the budgets C (in
+    ``budget_convention`` FLOPs) with bootstrap intervals at ``level``; ``frontier_budgets`` are
+    the budgets the laws were fitted on."""
     budgets: tuple[BudgetFit, ...]
     n_opt_law: PowerLawFit | None  # N* = coef * C**exponent
     d_opt_law: PowerLawFit | None

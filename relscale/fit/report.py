@@ -37,6 +37,8 @@ WHAT = ("isoflop", "parametric", "groups", "relative")
 
 @dataclass(frozen=True, eq=False)
 class FitReport:
+    """Everything ``run_fit`` produced: the data, each fit that ran (or why it was skipped in
+    ``skipped``), the files written, the printed summary and the warnings, once each."""
     data: FitData
     isoflop: IsoFlopResult | None = None
     parametric: ParametricFit | None = None

@@ -15,6 +15,8 @@ import pandas as pd
 
 
 def chinchilla_loss(n, d, E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28):
+    """The Chinchilla parametric loss L(N, D) = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022,
+    their fitted constants by default) for parameters ``n`` and tokens ``d`` (arrays broadcast)."""
     return E + A / np.asarray(n, float) ** alpha + B / np.asarray(d, float) ** beta
 
 

