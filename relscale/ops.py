@@ -286,6 +286,36 @@ def attention_reference(
     return out, torch.logsumexp(scores, dim=-1)
 
 
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """``cu_seqlens`` (n_docs + 1,) of a (B, S) batch, checked and as contiguous int32.
+
+    The document offsets must rise from 0 to B*S and include every row start (multiples of S):
+    a document never crosses a row, which is what the loader produces and what both attention
+    backends then agree on. Int32 and int64 are accepted. On the CPU a violation raises ValueError
+    (reading values is free there); on a GPU the same check is an asynchronous device assert, so the
+    training step has no host sync."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32/int64 tensor of n_docs + 1 >= 2 offsets; got "
+            f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    total = batch * seq
+    starts = torch.arange(0, total, seq, device=cu.device, dtype=torch.int32)
+    ok_ends = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
+    ok_rows = torch.isin(starts, cu).all()
+    message = (
+        f"cu_seqlens must rise from 0 to the token count {total} and contain every row start "
+        f"(multiples of S={seq}: documents never cross rows)"
+    )
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok_ends & ok_rows):
+            raise ValueError(f"{message}; got {cu.tolist()}")
+    else:
+        torch._assert_async(ok_ends & ok_rows, message)
+    return cu
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -306,6 +336,8 @@ def attention(
     kernels. ``return_lse=True`` returns ``(out, lse)`` with lse the natural-log log-sum-exp of the
     scaled scores, (B, H, S) fp32, differentiable (FlashAttention-2, Dao 2023).
     """
+    if cu_seqlens is not None:
+        cu_seqlens = check_cu_seqlens(cu_seqlens, *q.shape[:2])
     if resolve("attention", backend, q.device.type) == "triton":
         from relscale.kernels import flash_attention as fa
 
@@ -339,6 +371,10 @@ def cross_entropy_reference(
     """Cross-entropy in fp32 plus ``z_loss * logsumexp^2``, after the optional logit soft-cap
     ``softcap * tanh(logits / softcap)`` (Gemma 2); ``mean`` is over non-ignored tokens and is 0
     (not NaN) when every token is ignored."""
+    from relscale.kernels.cross_entropy import check_targets
+
+    targets = targets.long()  # int32 labels too, as the Triton kernels take them
+    check_targets(targets, logits.shape[-1], ignore_index, "cross_entropy")
     logits = logits.float()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)

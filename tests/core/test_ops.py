@@ -192,3 +192,41 @@ def test_auto_rope_uses_the_extension_on_cpu_when_built():
     from relscale import ext
 
     assert ops.resolve("rope", "auto", "cpu") == ("cuda" if ext.available() else "torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cu_seqlens_must_keep_documents_inside_rows_in_both_backends(backend):
+    # A document crossing a row boundary used to be masked per row by the torch reference and
+    # attended across rows by the Triton kernel: both now refuse it with the same message.
+    torch.manual_seed(7)
+    b, s, h, d = 2, 6, 2, 8
+    q, k, v = (torch.randn(b, s, h, d) for _ in range(3))
+    with pytest.raises(ValueError, match="contain every row start"):
+        ops.attention(q, k, v, cu_seqlens=torch.tensor([0, 4, 9, 12], dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match="rise from 0 to the token count 12"):
+        ops.attention(q, k, v, cu_seqlens=torch.tensor([0, 6, 9], dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match="1-D int32/int64"):
+        ops.attention(q, k, v, cu_seqlens=torch.tensor([0.0, 6.0, 12.0]), backend=backend)
+
+
+def test_cu_seqlens_int64_and_int32_give_the_same_attention_in_both_backends():
+    torch.manual_seed(8)
+    b, s, h, d = 2, 6, 2, 8
+    q, k, v = (torch.randn(b, s, h, d) for _ in range(3))
+    cu = [0, 4, 6, 9, 12]
+    outs = [
+        ops.attention(q, k, v, cu_seqlens=torch.tensor(cu, dtype=dtype), backend=backend)
+        for backend in ("torch", "triton") for dtype in (torch.int32, torch.int64)
+    ]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_torch_cross_entropy_takes_int32_labels_and_names_a_bad_one():
+    torch.manual_seed(9)
+    logits, targets = torch.randn(5, 7, dtype=torch.float64), torch.tensor([1, 6, 0, -100, 3])
+    expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+    got = ops.cross_entropy(logits, targets.int(), backend="torch")
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="target 7 at row 1 is outside"):
+        ops.cross_entropy(logits, torch.tensor([1, 7, 0, -100, 3]), backend="torch")
