@@ -78,6 +78,9 @@ def atomic_write(
     try:
         tmp = make_temp(path)
         write(tmp)
+        # again after writing: a writer may have replaced the temporary file (safetensors does),
+        # which would leave mkstemp's private 0600 or the writer's own mode on the result
+        os.chmod(tmp, default_file_mode())
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

@@ -46,3 +46,21 @@ def test_atomic_writes_and_sweep_files_follow_the_umask(tmp_path, umask):
     written.append(sweep.leases / second.record.run_id)
     for path in written:
         assert mode(path) == expected, (path, oct(mode(path)))
+
+
+def test_model_weights_and_exports_follow_the_umask(tmp_path, umask):
+    # safetensors replaces the temporary file it is given: the weights used to end up 0600.
+    import torch
+
+    from relscale.config import ModelConfig
+    from relscale.model import Transformer
+    from relscale.model_io import save_model
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden=16, layers=1, heads=2, max_seq_len=16))
+    out = tmp_path / "final"
+    save_model(model, out, {"tokens": 0})
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    assert any(p.suffix == ".safetensors" for p in files)
+    for path in files:
+        assert mode(path) == 0o666 & ~umask, (path, oct(mode(path)))
