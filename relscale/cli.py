@@ -181,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or a flag error (already printed as one line)
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
     module, _, run, _ = COMMANDS[args.command]
+    if not debug:
+        _warnings_in_words(args.command)
     try:
         return int(getattr(importlib.import_module(module), run)(args) or 0)
     except RelscaleError as err:
@@ -201,6 +203,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relscale {args.command}: error: {_one_line(message)} (--debug shows the traceback)",
               file=sys.stderr)
         return 2
+
+
+def _warnings_in_words(command: str) -> None:
+    """Print each warning once as ``relscale COMMAND: warning: MESSAGE`` instead of Python's
+    ``file:line: Category: message`` plus the source line (``--debug`` keeps Python's format);
+    numpy's floating-point RuntimeWarnings ("overflow encountered in exp" while an optimiser
+    explores) are not for users and are dropped: the fits flag results that are not finite."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        print(f"relscale {command}: warning: {_one_line(str(message))}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("ignore", message=r".*encountered in ", category=RuntimeWarning)
 
 
 def _one_line(message: str) -> str:

@@ -50,3 +50,17 @@ def test_flag_errors_are_one_line(cli):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "sweep_dir" in err
     code, out, _ = cli("fit", "--help")
     assert code == 0 and "--metric" in out
+
+
+def test_warnings_are_printed_once_in_words(capsys, monkeypatch):
+    import warnings
+
+    from relscale import cli
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    cli._warnings_in_words("fit")
+    warnings.warn("results.parquet is unreadable;\nrebuilding it from the run marks", UserWarning, stacklevel=1)
+    warnings.warn("overflow encountered in exp", RuntimeWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert err == "relscale fit: warning: results.parquet is unreadable; | rebuilding it from the run marks\n"
