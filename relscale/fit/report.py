@@ -166,8 +166,9 @@ def format_summary(report: FitReport) -> str:
             f"{_fmt_ci(*ci[0])} beta={p.beta:.4f} {_fmt_ci(*ci[1])} objective={p.objective:.4g} "
             f"converged={p.converged}"
         )
-        if p.at_bound:
-            lines.append(f"  approach-3 parameters {list(p.at_bound)} ended on their bounds")
+        flag = parametric_flag(p)
+        if flag:
+            lines.append(f"  approach 3 -- NOT A RESULT: {flag}")
     table = summary_table(report.relative, report.groups)
     if not table.empty:
         if report.relative is not None:
@@ -419,6 +420,25 @@ _OUTPUT_STEMS = {
 }
 
 
+def parametric_flag(p: ParametricFit) -> str:
+    """Why an approach-3 fit is not a result ('' when it is): too few models for 5 parameters,
+    parameters ended on their search box (set by the box, not the data), a zero-width bootstrap
+    interval for an exponent (every draw found the same value: not identified, e.g. N and D
+    collinear across the models), or no convergence."""
+    why = []
+    if p.n_points <= 5:
+        why.append(f"{p.n_points} models for 5 parameters")
+    if p.at_bound:
+        why.append(f"parameters {', '.join(p.at_bound)} ended on their bounds")
+    for name in ("alpha", "beta"):
+        lo, hi = p.ci.get(name, (np.nan, np.nan))
+        if np.isfinite(lo) and np.isfinite(hi) and hi - lo <= 1e-9 * max(1.0, abs(hi)):
+            why.append(f"{name}'s interval has zero width (not identified by these models)")
+    if not p.converged:
+        why.append("the fit did not converge")
+    return "; ".join(why)
+
+
 def _parametric_frame(p: ParametricFit) -> pd.DataFrame:
     values = p.summary()
     rows = [
@@ -436,6 +456,7 @@ def _parametric_frame(p: ParametricFit) -> pd.DataFrame:
     frame["n_points"] = p.n_points
     frame["n_boot"] = p.n_boot
     frame["flops_per_param_token"] = p.flops_per_param_token
+    frame["flag"] = parametric_flag(p)
     return frame
 
 

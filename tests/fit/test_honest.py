@@ -331,3 +331,26 @@ def test_measured_frontier_leaves_out_unmeasured_minima():
     assert measured.n_opt_law.exponent == pytest.approx(0.5, abs=0.05)  # N* = 0.1 C^0.5 by construction
     table = measured.table().set_index("budget")
     assert not table.loc[1e22, "in_frontier"] and table.loc[1e22, "flag"]
+
+
+def test_unidentified_approach_3_is_flagged_not_a_result():
+    from relscale.fit.parametric import fit_parametric
+    from relscale.fit.report import parametric_flag
+
+    rng = np.random.default_rng(0)
+    # A real grid: N and D vary independently -> identified, no flag.
+    n, d = np.meshgrid(np.geomspace(1e7, 1e9, 6), np.geomspace(1e9, 1e11, 6))
+    n, d = n.ravel(), d.ravel()
+    loss = chinchilla_loss(n, d) * np.exp(rng.normal(0, 0.002, n.size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        good = fit_parametric(n, d, loss, n_boot=20, n_starts=16, seed=0)
+    assert parametric_flag(good) == ""
+    # N and D both proportional to sqrt(C): the N and D terms cannot be told apart.
+    c = np.geomspace(1e18, 1e19, 23)
+    n1, d1 = 0.1 * np.sqrt(c), 10 * np.sqrt(c)
+    loss1 = chinchilla_loss(n1, d1) * np.exp(rng.normal(0, 0.002, c.size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bad = fit_parametric(n1, d1, loss1, n_boot=20, n_starts=16, seed=0)
+    assert parametric_flag(bad) != ""
