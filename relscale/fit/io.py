@@ -95,6 +95,11 @@ class FitData:
         return out.rename(columns={"error": "loss"}).reset_index()
 
 
+def _user_columns(frame: pd.DataFrame) -> list[str]:
+    """The file's own column names, for error messages (not the internal row-label column)."""
+    return sorted(c for c in map(str, frame.columns) if c != "_where")
+
+
 def apply_transform(values: np.ndarray, transform: str) -> np.ndarray:
     """``values`` mapped by one of :data:`TRANSFORMS` (identity, log, ...) in float64; DataError for
     an unknown name. Invalid results (log of 0) become inf/NaN and are dropped later with a warning."""
@@ -108,7 +113,7 @@ def _check_columns(frame: pd.DataFrame, needed: Iterable[str], where: str) -> No
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise DataError(
-            f"{where}: missing column(s) {missing}; columns present: {sorted(map(str, frame.columns))}"
+            f"{where}: missing column(s) {missing}; columns present: {_user_columns(frame)}"
         )
 
 
@@ -377,7 +382,7 @@ def from_table(
     if not has["tokens"] and not has["flops"]:
         raise DataError(
             f"{source}: need a tokens column ({names['tokens']!r}) or a flops column "
-            f"({names['flops']!r}); columns present: {sorted(map(str, table.columns))}"
+            f"({names['flops']!r}); columns present: {_user_columns(table)}"
         )
     required = [names[r] for r in ("params", "loss", "tokens", "flops") if has[r]]
     bad = np.zeros(len(table), dtype=bool)
@@ -506,7 +511,7 @@ def _melt_wide(
         if not hits:
             raise DataError(
                 f"{source}: --wide {pattern!r} matches no column; columns present: "
-                f"{sorted(c for c in map(str, table.columns) if c != '_where')}"
+                f"{_user_columns(table)}"
             )
         chosen += [c for c in hits if c not in chosen]
     for role in ("loss", "group"):
@@ -541,7 +546,7 @@ def row_filter(table: pd.DataFrame, expression: str, source: str = "table") -> n
             if node.id not in table.columns:
                 raise DataError(
                     f"--where: no column {node.id!r} in {source}; columns present: "
-                    f"{sorted(c for c in map(str, table.columns) if c != '_where')}"
+                    f"{_user_columns(table)}"
                 )
             return table[node.id]
         if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool)):

@@ -354,3 +354,8 @@ def test_unidentified_approach_3_is_flagged_not_a_result():
         warnings.simplefilter("ignore")
         bad = fit_parametric(n1, d1, loss1, n_boot=20, n_starts=16, seed=0)
     assert parametric_flag(bad) != ""
+
+
+def test_missing_column_errors_list_only_the_files_columns():
+    with pytest.raises(DataError, match=r"columns present: \['group', 'loss', 'params', 'tokens'\]$"):
+        from_table(_two_groups_three_models(), columns={"params": "nosuch"})
