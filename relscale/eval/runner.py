@@ -243,8 +243,11 @@ def evaluate(
     outcomes = Evaluator(specs, opts).run(entries)
     if not opts.quiet:
         written = sum(o.status == "written" for o in outcomes)
+        kept = sum(o.status not in ("written", "empty") for o in outcomes)
+        empty = len(outcomes) - written - kept
         print(
-            f"relscale eval: {written} dump(s) written, {len(outcomes) - written} already there, "
-            f"{len(entries)} model(s), {time.perf_counter() - started:.1f}s"
+            f"relscale eval: {written} dump(s) written, {kept} already there"
+            + (f", {empty} eval set(s) with no examples (no dump)" if empty else "")
+            + f", {len(entries)} model(s), {time.perf_counter() - started:.1f}s"
         )
     return outcomes

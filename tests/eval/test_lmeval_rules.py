@@ -251,7 +251,9 @@ def test_all_bad_rows_with_skip_bad_write_no_dump_and_garbage_is_not_done(tmp_pa
     out = tmp_path / "evals"
     outcomes = evaluate([model_dir], [f"mc:{path}"], RunOptions(out_dir=out, skip_bad=True))
     assert [o.status for o in outcomes] == ["empty"]
-    assert "0 examples to score; no dump written" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "0 examples to score; no dump written" in printed
+    assert "0 dump(s) written, 0 already there, 1 eval set(s) with no examples" in printed
     assert not outcomes[0].path.exists()
     # fixed input; a garbage file where the dump goes is not a finished dump
     _write_jsonl(path, [{"question": "x", "choices": ["union", "war"], "answer": 0}])
