@@ -192,6 +192,8 @@ def _load_raw(source: Source, cache_dir: Path) -> tuple[pa.Table, pa.Array | pa.
             ids.append(f"{root.name}/{relative.as_posix()}")
         table = pa.table({"text": pa.array(texts, pa.large_string()), TXT_GROUP_FIELD: groups, "path": ids})
         return table, table["path"]
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)  # its log line would be a second error line
     try:
         if source.kind == "json":
             dataset = datasets.Dataset.from_json(str(path), cache_dir=str(cache_dir))
@@ -200,9 +202,11 @@ def _load_raw(source: Source, cache_dir: Path) -> tuple[pa.Table, pa.Array | pa.
         else:
             dataset = datasets.load_from_disk(str(path))
     except Exception as error:  # datasets raises many types; the user needs the file and the reason
-        raise DataError(
-            f"{path}: could not load as {source.kind} ({type(error).__name__}: {error})"
-        ) from error
+        cause = error.__cause__ or error.__context__  # e.g. the JSON parse error behind a generic one
+        reason = f"{type(error).__name__}: {error}" + (f"; {type(cause).__name__}: {cause}" if cause else "")
+        raise DataError(f"{path}: could not load as {source.kind} ({reason})") from error
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if isinstance(dataset, datasets.DatasetDict):
         # Splits of a saved DatasetDict in their saved order, labelled in a "split" column.
         tables, ids = [], []

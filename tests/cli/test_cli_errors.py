@@ -64,3 +64,17 @@ def test_warnings_are_printed_once_in_words(capsys, monkeypatch):
     warnings.warn("overflow encountered in exp", RuntimeWarning, stacklevel=1)
     err = capsys.readouterr().err
     assert err == "relscale fit: warning: results.parquet is unreadable; | rebuilding it from the run marks\n"
+
+
+def test_unparseable_jsonl_is_one_line_in_a_real_process(tmp_path):
+    # In-process runs miss log handlers bound to the real stderr (datasets logged a second line).
+    import subprocess
+    import sys
+
+    bad = tmp_path / "garbage.jsonl"
+    bad.write_text('{"text": "a"\nnot json\n')
+    done = subprocess.run([sys.executable, "-m", "relscale", "prepare", str(bad), "--out", str(tmp_path / "p")],
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "garbage.jsonl" in lines[0] and "JSON parse error" in lines[0]
