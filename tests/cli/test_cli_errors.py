@@ -60,7 +60,8 @@ def test_warnings_are_printed_once_in_words(capsys, monkeypatch):
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
     cli._warnings_in_words("fit")
-    warnings.warn("results.parquet is unreadable;\nrebuilding it from the run marks", UserWarning, stacklevel=1)
+    message = "results.parquet is unreadable;\nrebuilding it from the run marks"
+    warnings.warn(message, UserWarning, stacklevel=1)
     warnings.warn("overflow encountered in exp", RuntimeWarning, stacklevel=1)
     err = capsys.readouterr().err
     assert err == "relscale fit: warning: results.parquet is unreadable; | rebuilding it from the run marks\n"
@@ -73,8 +74,8 @@ def test_unparseable_jsonl_is_one_line_in_a_real_process(tmp_path):
 
     bad = tmp_path / "garbage.jsonl"
     bad.write_text('{"text": "a"\nnot json\n')
-    done = subprocess.run([sys.executable, "-m", "relscale", "prepare", str(bad), "--out", str(tmp_path / "p")],
-                          capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "relscale", "prepare", str(bad), "--out", str(tmp_path / "p")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "garbage.jsonl" in lines[0] and "JSON parse error" in lines[0]
