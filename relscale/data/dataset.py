@@ -73,9 +73,10 @@ class TokenStream:
 class PreparedData:
     """A prepared data folder (layout: relscale.data.layout), read-only.
 
-    Opening reads the manifest and checks every file's size against it; ``verify=True`` also
-    checks each sha256. Raises DataError naming the file (missing, truncated, corrupted) or the
-    manifest key. Shards are memory-mapped on demand; nothing is loaded eagerly."""
+    Opening reads the manifest and checks every file's size against it, and the sha256 of any file
+    modified after the manifest was written; ``verify=True`` checks every sha256. Raises DataError
+    naming the file (missing, truncated, corrupted) or the manifest key. Shards are memory-mapped
+    on demand; nothing is loaded eagerly."""
 
     def __init__(self, data_dir: str | Path, verify: bool = False):
         self.data_dir = Path(data_dir)
@@ -116,30 +117,39 @@ class PreparedData:
                         f"{layout.manifest_path(self.data_dir)}: shard {split}/{shard['file']} records "
                         f"{shard['bytes']} bytes for {shard['n_tokens']} {self.dtype} tokens"
                     )
+        # prepare writes the manifest last: a file modified after it was changed in place (same
+        # size or not), so its checksum is verified on every open; untouched files cost one stat
+        manifest_mtime = layout.manifest_path(self.data_dir).stat().st_mtime
         for path, record in self._files():
             if not path.is_file():
                 raise DataError(
                     f"missing file {path} (listed in {MANIFEST}); re-run `relscale prepare --force`"
                 )
-            size = path.stat().st_size
-            if size != record["bytes"]:
-                state = "truncated" if size < record["bytes"] else "too large"
+            stat = path.stat()
+            if stat.st_size != record["bytes"]:
+                state = "truncated" if stat.st_size < record["bytes"] else "too large"
                 raise DataError(
-                    f"{path} is {state}: {size} bytes on disk, the manifest records "
+                    f"{path} is {state}: {stat.st_size} bytes on disk, the manifest records "
                     f"{record['bytes']}; re-run `relscale prepare --force`"
                 )
+            if stat.st_mtime > manifest_mtime:
+                self._verify_file(path, record)
 
     def verify(self) -> int:
         """Check the sha256 of every file against the manifest; returns the number of files checked."""
         files = self._files()
         for path, record in files:
-            digest = sha256_file(path)
-            if digest != record["sha256"]:
-                raise DataError(
-                    f"{path} is corrupted: sha256 {digest[:16]}... differs from the manifest's "
-                    f"{record['sha256'][:16]}...; re-run `relscale prepare --force`"
-                )
+            self._verify_file(path, record)
         return len(files)
+
+    @staticmethod
+    def _verify_file(path: Path, record: dict) -> None:
+        digest = sha256_file(path)
+        if digest != record["sha256"]:
+            raise DataError(
+                f"{path} is corrupted: sha256 {digest[:16]}... differs from the manifest's "
+                f"{record['sha256'][:16]}...; re-run `relscale prepare --force`"
+            )
 
     # -- tokenizer ----------------------------------------------------------------------------
 

@@ -179,7 +179,8 @@ def test_corrupted_and_truncated_shards_are_named(sotu_small, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     shard.write_bytes(bytes(raw))
-    PreparedData(out)  # same size: only the checksum can tell
+    with pytest.raises(DataError, match=r"train/shard_00000\.bin is corrupted"):
+        PreparedData(out)  # same size, but written after the manifest: its checksum is checked
     with pytest.raises(DataError, match=r"train/shard_00000\.bin is corrupted"):
         PreparedData(out, verify=True)
     with pytest.raises(DataError, match=r"shard_00000\.bin is corrupted"):

@@ -4,6 +4,7 @@ loader naming the shard (not a bare IndexError in the embedding); `--vocab-size 
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -56,9 +57,15 @@ def test_same_size_corruption_fails_verify_and_up_to_date(tmp_path, prepared):
     size = shard.stat().st_size
     corrupt_in_place(shard, 7)
     assert shard.stat().st_size == size
-    PreparedData(out)  # sizes alone cannot see it...
+    # modified after the manifest: every open (the trainer's too) checks that file's sha256
     with pytest.raises(DataError, match=r"shard_00002\.bin is corrupted"):
-        PreparedData(out, verify=True)  # ...the sha256 does
+        PreparedData(out)
+    # with its old mtime restored, sizes alone cannot see it; verify=True (all sha256) does
+    manifest_time = (out / "manifest.json").stat().st_mtime
+    os.utime(shard, (manifest_time - 10, manifest_time - 10))
+    PreparedData(out)
+    with pytest.raises(DataError, match=r"shard_00002\.bin is corrupted"):
+        PreparedData(out, verify=True)
     code, err = run_cli("prepare", "--verify", out)
     assert code == 2 and "shard_00002.bin is corrupted" in err and "Traceback" not in err
     # re-running the same prepare is not "up to date": it names the shard
@@ -72,6 +79,10 @@ def test_out_of_range_token_ids_name_the_shard(tmp_path, prepared):
     out = fresh_copy(prepared, tmp_path / "prepared")
     shard = out / "train" / "shard_00001.bin"
     corrupt_in_place(shard, 65000)  # outside the 300-token vocabulary
+    # the old mtime back, so the open's checksum of files newer than the manifest does not see it:
+    # this is the loader's own check of token ids
+    manifest_time = (out / "manifest.json").stat().st_mtime
+    os.utime(shard, (manifest_time - 10, manifest_time - 10))
     data = PreparedData(out)
     loader = SequenceLoader(data, "train", 32, 4, shuffle=False)
     with pytest.raises(DataError, match=r"shard_00001\.bin: token id 65000 .* outside the vocabulary of 300"):
