@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relscale.atomic import atomic_write_text
 from relscale.errors import ConfigError
+from relscale.sweep import layout as sweep_layout  # torch-free sweep-folder contract
 
 GROUPINGS = ("century", "sotu_type")
 # Held-out addresses are scored on their first 8,000 characters (about 1,800 tokens each): the
@@ -208,7 +210,6 @@ def epochs_report(configs, vocab: int, train_tokens: int) -> list[str]:
 def _open_sweeps(sweep_root: Path, data_dir: Path, device: str, minutes: float, budgets, echo) -> list:
     """The sweep directories, one per budget: re-opened as they are when the plan exists (the
     budgets were sized once), else sized and created."""
-    from relscale.atomic import atomic_write_text
     from relscale.data import PreparedData
     from relscale.sweep.grid import budget_tag
     from relscale.sweep.registry import Sweep
@@ -340,12 +341,12 @@ def run_demo(
         "runs_finished": runs_done, "runs": runs_total, "dumps": len(outcomes),
         "device": device, "wall_s": round(wall, 1), "plan": plan, "outputs": {
             "data": str(data_dir), "sweeps": [str(s.root) for s in sweeps],
-            "results_index": [str(s.root / "results.parquet") for s in sweeps],
+            "results_index": [str(sweep_layout.results_path(s.root)) for s in sweeps],
             "dumps": str(eval_dir), "fits": {g: str(fit_dir / g) for g in GROUPINGS}},
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
     echo(f"\nDone in {wall / 60:.1f} min: {runs_done}/{runs_total} runs, {len(outcomes)} dumps. "
-         f"Tables and plots: {fit_dir}/<grouping>/; sweeps: {sweep_root}/C*/results.parquet; "
+         f"Tables and plots: {fit_dir}/<grouping>/; sweeps: {sweep_root}/C*/{sweep_layout.RESULTS_INDEX}; "
          f"summary: {out}/demo_summary.json")
     return DemoResult(out_dir=out, runs=runs_done, dumps=len(outcomes), reports=reports, wall_s=wall,
                       plan=plan)

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from relscale.data import layout as data_layout  # torch-free prepared-data contract
 from relscale.errors import DataError
 from relscale.eval import adapters
 from relscale.eval.adapters import SAVED_DATASET_MARKERS, is_mmlu_csv_layout
@@ -113,6 +114,12 @@ def load_eval_set(spec: str, opts: SetOptions) -> EvalSet:
             raise DataError(
                 "eval set 'default' needs a prepared data directory (--data, or data_path in "
                 "the model's meta)"
+            )
+        if not data_layout.is_prepared(opts.data_dir):  # e.g. a run folder moved without its data
+            raise DataError(
+                f"eval set 'default': {opts.data_dir} is not a prepared data folder (no "
+                f"{data_layout.MANIFEST}); pass --data DIR with the model's prepared data, or evaluate "
+                "another set (--eval SPEC)"
             )
         eval_set = text_set_from_prepared(Path(opts.data_dir), opts.split, opts.group_by)
     else:

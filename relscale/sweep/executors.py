@@ -238,7 +238,7 @@ def run_claim(sweep: Sweep, claim: Claim, trainer: _Trainer, worker: str,
     sweep.release(claim)  # after the mark: a run is never both unleased and unmarked once done
     if status == "done" and not opts.keep_checkpoints:
         # Optimizer state is 3x the weights; thousands of finished runs only need final/.
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_folder.checkpoints_dir(run_dir), ignore_errors=True)
     return {"status": status, "result": result, "error": error, **timing}
 
 

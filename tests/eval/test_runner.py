@@ -232,3 +232,12 @@ def test_user_errors_exit_2(tmp_path, model_dir, capsys):
     assert "skipped 1 malformed row" in capsys.readouterr().out
     assert (tmp_path / "o" / "bad" / "bad_rows.jsonl").is_file()
     assert len(pd.read_parquet(tmp_path / "o" / "bad" / "tiny.parquet")) == 1
+
+
+def test_default_set_without_its_data_folder_says_to_pass_data(tmp_path):
+    # A run folder moved without its prepared data: the hint is --data, not re-running prepare.
+    from relscale.errors import DataError
+    from relscale.eval.sets import SetOptions, load_eval_set
+
+    with pytest.raises(DataError, match=r"gone is not a prepared data folder .*pass --data DIR"):
+        load_eval_set("default", SetOptions(data_dir=tmp_path / "gone"))
