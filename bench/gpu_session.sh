@@ -73,7 +73,8 @@ git log -1 --format='commit %H %s' 2>/dev/null || true
 if [[ $mode != dry-run ]]; then
   phase "install with the CUDA extension (sm_90)"
   build_log=$(mktemp)
-  if ! RELSCALE_BUILD_EXT=cuda MAX_JOBS=${MAX_JOBS:-16} \
+  # bounded like every other phase: --quick must end inside its 8 minutes even if the build hangs
+  if ! RELSCALE_BUILD_EXT=cuda MAX_JOBS=${MAX_JOBS:-16} timeout "${INSTALL_TIMEOUT:-180}" \
       python3 -m pip install --no-deps --no-build-isolation --no-input -e . >"$build_log" 2>&1; then
     tail -n 60 "$build_log"
     echo "install failed" >&2
