@@ -134,8 +134,9 @@ def schema(kind: str) -> pa.Schema:
 
 
 def safe_name(name: str) -> str:
-    """A file-name-safe version of a model id or dataset name (runs of other characters -> ``_``)."""
-    return re.sub(r"[^A-Za-z0-9_.@+=-]+", "_", name).strip("._") or "unnamed"
+    """A file-name-safe version of a model id or dataset name: letters and digits of any script
+    are kept (``mïne`` and ``möne`` stay two files), runs of other characters become ``_``."""
+    return re.sub(r"[^\w.@+=-]+", "_", name).strip("._") or "unnamed"
 
 
 def dump_path(out_dir: str | Path, dataset: str, model_id: str) -> Path:

@@ -345,17 +345,26 @@ def shard_names(model_dir: Path) -> list[str]:
     return sorted(names)
 
 
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file on the CPU; DataError naming that file when it is
+    empty, truncated or not safetensors."""
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
+        raise DataError(f"{path}: unreadable safetensors weights ({type(err).__name__}: {err})") from None
+
+
 def _load_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint (single file, or the shards of the index), on the CPU."""
     index = model_dir / INDEX_FILE
     if index.is_file():
         state: dict[str, torch.Tensor] = {}
         for shard in shard_names(model_dir):
-            state.update(load_file(str(weight_file(model_dir, shard, str(index))), device="cpu"))
+            state.update(_load_weights_file(weight_file(model_dir, shard, str(index))))
         return state
     single = model_dir / WEIGHTS_FILE
     if single.is_file() or single.is_symlink():
-        return load_file(str(weight_file(model_dir, WEIGHTS_FILE, str(model_dir))), device="cpu")
+        return _load_weights_file(weight_file(model_dir, WEIGHTS_FILE, str(model_dir)))
     if any(model_dir.glob("*.bin")):
         raise DataError(
             f"{model_dir}: only safetensors weights are read (found .bin files; convert them "
@@ -404,7 +413,10 @@ def load_hf_tokenizer(model_dir: str | Path):
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"{model_dir}: no tokenizer.json (pass --tokenizer)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for any unreadable file
+        raise DataError(f"{path}: unreadable tokenizer ({err})") from None
 
 
 def _token_content(value: Any) -> str | None:
@@ -566,7 +578,8 @@ def meta_from_name(
     the run's final weights) when ``tokens`` is not known, ``tokens = steps * batch * seq_len``
     with the steps of the sweep rule (see the section comment), ``seq_len``, ``steps`` and
     ``global_batch``. Keys already in ``meta`` (from ``relscale_meta.json`` or ``--meta``) win.
-    A name that does not match is ignored.
+    A name that does not match is ignored, unless it starts with ``isoflop-`` (a typo there would
+    silently drop the model from the fits) and no budget is given.
 
     Raises DataError naming ``where`` when the name's width or depth contradicts the config, or
     when no whole number of steps reaches the named budget within 1% (the seq_len is then not
@@ -574,6 +587,13 @@ def meta_from_name(
     """
     parsed = parse_checkpoint_name(name)
     if parsed is None:
+        if name.startswith("isoflop-") and "budget" not in meta:
+            # meant as a checkpoint name, but it does not parse: scoring it would give NaN budgets
+            # that silently drop the model out of every fit
+            raise DataError(
+                f"{where}: folder name {name!r} starts like an IsoFLOP checkpoint name but is not "
+                "isoflop-<budget>-d<width>-L<layers>-B<batch>-<sweep>; rename it or pass --meta budget=..."
+            )
         return meta
     if (parsed.hidden, parsed.layers) != (cfg.hidden, cfg.layers):
         raise DataError(

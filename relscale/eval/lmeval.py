@@ -26,6 +26,7 @@ is refused (relscale scores, it does not sample).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,12 @@ class RelscaleLM(LM):
         )
         info = read_info(entry, opts)
         self._tok = load_tokenizer_for(entry, info, opts)
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line passes device=cuda by default; its HF model falls back to the
+            # CPU then, and so does this one (with a word, not a traceback)
+            warnings.warn(f"relscale: device {device!r} requested but CUDA is not available; using the CPU",
+                          stacklevel=2)
+            device = "cpu"
         self._device = resolve_device("auto" if device in (None, "", "auto") else str(device))
         self._model = load_weights(entry, info.cfg, self._device)
         context = _none_or(max_length, int) or info.cfg.max_seq_len

@@ -50,11 +50,18 @@ class BudgetFit:
     loss_opt_ci: tuple[float, float]
     n_boot_failed: int  # draws with < 3 distinct points or a concave parabola
     boot_outside: float = 0.0  # share of fitted draws whose minimum is missing or outside the sampled range
+    n_boot: int = 0  # bootstrap draws asked for
+
+    @property
+    def boot_failed(self) -> float:
+        """Share of the bootstrap draws that gave no parabola with a minimum."""
+        return self.n_boot_failed / self.n_boot if self.n_boot else 0.0
 
     @property
     def unreliable(self) -> bool:
-        """The interval leans on extrapolated minima (share above EXTRAPOLATION_LIMIT)."""
-        return self.boot_outside > EXTRAPOLATION_LIMIT
+        """The interval leans on extrapolated minima, or on the few draws that gave a minimum at all
+        (shares above EXTRAPOLATION_LIMIT and FAILED_LIMIT)."""
+        return self.boot_outside > EXTRAPOLATION_LIMIT or self.boot_failed > FAILED_LIMIT
 
     def curve(self, x: np.ndarray) -> np.ndarray:
         u = np.log10(np.asarray(x, dtype=float)) - self.center
@@ -99,7 +106,7 @@ class IsoFlopResult:
         if len(usable) < 3:
             return (
                 f"{len(usable)} of {len(self.budgets)} budgets have a measured minimum (interior, bootstrap "
-                "inside the sampled range): at least 3 are needed"
+                "inside the sampled range and mostly fitted): at least 3 are needed"
             )
         edge = ", ".join(f"{b.budget:.3g}" for b in used if b.at_edge)
         wild = ", ".join(f"{b.budget:.3g}" for b in used if b.unreliable)
@@ -108,8 +115,8 @@ class IsoFlopResult:
             reasons.append(f"minimum at the edge of the sampled range at budgets {edge}")
         if wild:
             reasons.append(
-                f"bootstrap minima outside the sampled range in > {EXTRAPOLATION_LIMIT:.0%} of draws "
-                f"at {wild}"
+                f"bootstrap minima outside the sampled range in > {EXTRAPOLATION_LIMIT:.0%} of draws, or "
+                f"missing in > {FAILED_LIMIT:.0%}, at {wild}"
             )
         return "; ".join(reasons) or None
 
@@ -169,6 +176,9 @@ class IsoFlopResult:
 
 SNAP_TOLERANCE_DECADES = 0.02  # about +-5%: Marin's achieved FLOPs are within 1% of the budget
 EXTRAPOLATION_LIMIT = 0.05  # a budget whose bootstrap minima leave the sampled range more often is flagged
+# ... and one where most draws give no parabola with a minimum (3 models: 7 in 9 resamples have
+# fewer than 3 distinct points): its interval rests on a minority of draws
+FAILED_LIMIT = 0.5
 
 
 def snap_budgets(
@@ -240,8 +250,10 @@ def _budget_flag(b: BudgetFit) -> str:
     reasons = []
     if b.at_edge:
         reasons.append("minimum at the edge of the sampled range")
-    if b.unreliable:
+    if b.boot_outside > EXTRAPOLATION_LIMIT:
         reasons.append(f"{b.boot_outside:.0%} of bootstrap minima outside the sampled range")
+    if b.boot_failed > FAILED_LIMIT:
+        reasons.append(f"{b.boot_failed:.0%} of bootstrap draws gave no minimum")
     return "; ".join(reasons)
 
 
@@ -528,6 +540,7 @@ def _fit_budget(budget, x, other, loss, fit_var, robust, f_scale, n_boot, rng, l
         loss_opt_ci=ci(log_l_draws),
         n_boot_failed=n_failed,
         boot_outside=boot_outside,
+        n_boot=n_boot,
     )
     return fit, (log_n_draws, log_d_draws, log_l_draws)
 

@@ -210,6 +210,33 @@ def test_names_that_contradict_the_checkpoint_are_refused():
         hf.meta_from_name("isoflop-1e+18-d512-L6-B32", cfg, {"seq_len": 2_000_000}, "here")
 
 
+def test_isoflop_like_names_that_do_not_parse_are_refused_unless_a_budget_is_given():
+    cfg = tiny_config(128256, hidden=512, layers=6, heads=4, max_seq_len=4096)
+    for name in ("isoflop-abc-d512-L6-B32-x", "isoflop-1e+18-d512-L6-B32-"):
+        with pytest.raises(DataError, match=r"here: folder name .* starts like an IsoFLOP checkpoint name"):
+            hf.meta_from_name(name, cfg, {}, "here")
+        assert hf.meta_from_name(name, cfg, {"budget": 1e18}, "here") == {"budget": 1e18}
+    assert hf.meta_from_name("my-model", cfg, {}, "here") == {}
+
+
+def test_unreadable_tokenizer_and_weights_are_named(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("")
+    with pytest.raises(DataError, match=r"model/tokenizer\.json: unreadable tokenizer"):
+        hf.load_hf_tokenizer(folder)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(DataError, match=r"model/model\.safetensors: unreadable safetensors weights"):
+        hf._load_safetensors(folder)
+
+
+def test_model_names_in_other_scripts_keep_distinct_dump_files():
+    from relscale.eval.dump import dump_path
+
+    a, b = (dump_path("out", "set", f"isoflop-1e+11-d32-L2-B8-m{c}ne") for c in "\u00ef\u00f6")
+    assert a != b and a.name.endswith("m\u00efne.parquet")
+
+
 # ------------------------------------------------------------------------- a moved run folder
 @pytest.fixture(scope="module")
 def text_set(tmp_path_factory):

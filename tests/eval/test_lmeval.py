@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from relscale.eval.options import RunOptions
 from relscale.eval.runner import evaluate
@@ -186,6 +187,10 @@ def test_generation_is_refused_with_a_clear_message(tmp_path, bpe):
 
     with pytest.raises(ConfigError, match="unknown argument"):
         RelscaleLM(pretrained=str(tmp_path / "m" / "final"), tokenizer=str(tok_path), temperature=0.5)
+    if not torch.cuda.is_available():  # lm-eval's CLI passes device=cuda by default: the CPU then
+        with pytest.warns(UserWarning, match="CUDA is not available; using the CPU"):
+            lm = RelscaleLM(pretrained=str(tmp_path / "m" / "final"), tokenizer=str(tok_path), device="cuda")
+        assert lm.device.type == "cpu"
 
 
 @pytest.mark.slow

@@ -359,3 +359,23 @@ def test_unidentified_approach_3_is_flagged_not_a_result():
 def test_missing_column_errors_list_only_the_files_columns():
     with pytest.raises(DataError, match=r"columns present: \['group', 'loss', 'params', 'tokens'\]$"):
         from_table(_two_groups_three_models(), columns={"params": "nosuch"})
+
+
+def test_budgets_whose_bootstrap_mostly_fails_are_not_a_result():
+    # Three models per budget: 7 in 9 resamples have < 3 distinct points and give no parabola,
+    # so each interval would rest on the few draws left; the frontier is not a result.
+    from relscale.fit.isoflop import FAILED_LIMIT, fit_isoflop
+
+    rows = []
+    for budget in (1e18, 1e19, 1e20):
+        n_opt = 0.1 * budget ** 0.5
+        for ratio in (0.25, 1.0, 4.0):
+            n = n_opt * ratio
+            rows.append(dict(model_id=f"{budget:g}-{ratio}", params=n, tokens=budget / (6 * n),
+                             flops=budget, loss=2.0 + 0.1 * np.log10(ratio) ** 2))
+    frame = pd.DataFrame(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fit_isoflop(frame, n_boot=400, seed=0)
+    assert all(b.boot_failed > FAILED_LIMIT and b.unreliable for b in result.budgets)
+    assert result.frontier_flag and "at least 3 are needed" in result.frontier_flag
