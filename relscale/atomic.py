@@ -11,6 +11,7 @@ stay readable by the teammates the umask admits.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -126,3 +127,13 @@ def read_json_object(path: str | Path, what: str, hint: str = "") -> dict[str, A
     if not isinstance(data, dict):
         raise DataError(f"{path}: unreadable {what} (a JSON {type(data).__name__}, not an object){hint}")
     return data
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (the checksums of prepared data and of
+    checkpoints). Raises OSError as the file system does."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from tokenizers import Tokenizer
 
+from relscale.atomic import sha256_file
 from relscale.data import layout
 from relscale.data.layout import (  # noqa: F401 (re-exported: older callers import them from here)
     FORMAT_VERSION,
@@ -24,7 +25,6 @@ from relscale.data.layout import (  # noqa: F401 (re-exported: older callers imp
     TOKENIZER_FILE,
     read_manifest,
 )
-from relscale.data.sources import sha256_file
 from relscale.data.tokenizer import load_tokenizer
 from relscale.errors import DataError
 

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from relscale.atomic import sha256_file
 from relscale.data import sources as sources_mod
 from relscale.data.dataset import PreparedData
 from relscale.data.layout import (
@@ -47,7 +48,7 @@ from relscale.data.layout import (
     split_dir,
     write_manifest,
 )
-from relscale.data.sources import Source, sha256_file
+from relscale.data.sources import Source
 from relscale.data.tokenizer import (
     EOS_TOKEN,
     MIN_VOCAB_SIZE,

@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from relscale.atomic import sha256_file
 from relscale.errors import DataError
 
 SOTU = "sotu"
@@ -37,7 +38,6 @@ TXT_GROUP_FIELD = "group"
 MISSING_LABEL = "<missing>"
 # Columns of index.parquet that group/extra fields must not shadow.
 RESERVED_COLUMNS = {"doc_id", "text", "shard", "offset", "length", "n_bytes", "start", "_source", "_row"}
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -102,15 +102,6 @@ def default_fields(sources: list[Source]) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Content hashes: prepare compares them with the manifest to know whether its output is current.
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _txt_files(folder: Path) -> list[Path]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import pickle
@@ -37,15 +36,13 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from relscale.atomic import sha256_file
 from relscale.errors import ConfigError, DataError
 from relscale.train import run_dir
 from relscale.train.parallel import DistEnv, barrier
 from relscale.train.run_dir import CHECKPOINT_META as META
 from relscale.train.run_dir import STEP_DIR
 from relscale.train.run_dir import read_checkpoint_meta as read_meta
-
-_HASH_CHUNK = 1 << 20
-
 
 # --------------------------------------------------------------------------- safe reading of DCP files
 
@@ -143,18 +140,10 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = loaded
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def checksum_files(folder: Path) -> dict[str, dict[str, Any]]:
     """Size (bytes) and sha256 of every file in a checkpoint folder except checkpoint.json."""
     return {
-        entry.name: {"bytes": entry.stat().st_size, "sha256": _sha256(entry)}
+        entry.name: {"bytes": entry.stat().st_size, "sha256": sha256_file(entry)}
         for entry in sorted(folder.iterdir(), key=lambda e: e.name)
         if entry.is_file() and entry.name != META
     }
@@ -179,7 +168,7 @@ def verify_checkpoint(path: str | Path) -> int:
         if size != record.get("bytes"):
             raise DataError(f"{file}: {size} bytes, the checkpoint recorded {record.get('bytes')} "
                             "(truncated or replaced); delete the checkpoint folder to start over")
-        if _sha256(file) != record.get("sha256"):
+        if sha256_file(file) != record.get("sha256"):
             raise DataError(f"{file}: corrupted (sha256 differs from {path / META}); delete the "
                             "checkpoint folder to start over")
     return len(files)
